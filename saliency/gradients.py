@@ -1,0 +1,87 @@
+"""The one-forward, many-classes gradient primitive every gradient CAM is built on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from saliency.errors import ConfigurationError
+from saliency.layers import capture_layer
+
+
+@dataclass(frozen=True)
+class LayerGradients:
+    """Activations ``[B, C, h, w]``, logits ``[B, N]``, the explained ``classes`` ``[B, K]`` and
+    ``gradients[b, k] = d logits[b, classes[b, k]] / d activations[b]`` as ``[B, K, C, h, w]``."""
+
+    activations: torch.Tensor
+    logits: torch.Tensor
+    classes: torch.Tensor
+    gradients: torch.Tensor
+
+
+def as_class_matrix(classes: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Accept ``LongTensor[B]`` or ``LongTensor[B, K]`` and return ``[B, K]``."""
+    if not isinstance(classes, torch.Tensor) or classes.dtype not in (torch.int64, torch.int32):
+        raise ConfigurationError(
+            f"classes must be an integer tensor of shape [B] or [B, K], got "
+            f"{getattr(classes, 'dtype', type(classes).__name__)}"
+        )
+    if classes.dim() == 1:
+        classes = classes.unsqueeze(1)
+    if classes.dim() != 2 or classes.shape[0] != batch_size:
+        raise ConfigurationError(
+            f"classes has shape {tuple(classes.shape)}; expected [{batch_size}] or "
+            f"[{batch_size}, K] for a batch of {batch_size} images"
+        )
+    return classes.long()
+
+
+def class_gradients(
+    model: nn.Module, images: torch.Tensor, layer: str, classes: torch.Tensor
+) -> LayerGradients:
+    """One forward pass, then the gradient of each requested logit w.r.t. ``layer``'s output.
+
+    The model runs in eval mode, so samples are independent and the gradient of
+    ``logits[:, classes[:, k]].sum()`` w.r.t. the activations holds every sample's own gradient:
+    K backward passes through the part of the network after the layer, no parameter gradients.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "saliency maps need gradients but inference mode is on: run Lightning with "
+            "Trainer(inference_mode=False) and compute maps under torch.enable_grad()"
+        )
+    classes = as_class_matrix(classes, images.shape[0]).to(images.device)
+    with capture_layer(model, layer) as capture, torch.enable_grad():
+        logits = model(images)
+        activations = capture.output()
+        _check_classes(classes, logits.shape[1])
+        scores = logits.gather(1, classes)
+        num_classes = classes.shape[1]
+        gradients = [
+            torch.autograd.grad(scores[:, k].sum(), activations, retain_graph=k < num_classes - 1)[
+                0
+            ]
+            for k in range(num_classes)
+        ]
+    if activations.dim() != 4:
+        raise ConfigurationError(
+            f"layer {layer!r} outputs shape {tuple(activations.shape)}; gradient CAMs need a "
+            f"[B, C, h, w] feature map (choose a convolutional layer)"
+        )
+    return LayerGradients(
+        activations=activations.detach(),
+        logits=logits.detach(),
+        classes=classes,
+        gradients=torch.stack(gradients, dim=1),
+    )
+
+
+def _check_classes(classes: torch.Tensor, num_outputs: int) -> None:
+    if classes.numel() and (classes.min() < 0 or classes.max() >= num_outputs):
+        raise ConfigurationError(
+            f"class indices must lie in [0, {num_outputs - 1}] for a model with {num_outputs} "
+            f"outputs; got min {int(classes.min())}, max {int(classes.max())}"
+        )

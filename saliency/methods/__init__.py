@@ -1,0 +1,10 @@
+"""Saliency methods: ``create_method(name, model, layer=None, **kwargs)`` and ``list_methods()``.
+
+Importing this package registers every method defined in its modules.
+"""
+
+from saliency.methods import gradient_cams  # noqa: F401  (registers the methods)
+from saliency.methods.base import SaliencyMethod
+from saliency.methods.registry import create_method, list_methods, register_method
+
+__all__ = ["SaliencyMethod", "create_method", "list_methods", "register_method"]
