@@ -1,0 +1,5 @@
+"""Lightning modules: classifier training and saliency evaluation."""
+
+from lightning_modules.classifier import ClassifierModule
+
+__all__ = ["ClassifierModule"]

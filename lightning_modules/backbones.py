@@ -1,0 +1,122 @@
+"""Build a classifier network by name: ``small_cnn``, ``timm:<name>`` or ``torchvision:<name>``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from saliency.errors import ConfigurationError, closest
+
+SOURCES = ("small_cnn", "timm:<model name>", "torchvision:<model name>")
+
+
+def build_backbone(
+    name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None
+) -> nn.Module:
+    """A network mapping images to ``[B, num_classes]`` logits.
+
+    ``pretrained`` loads the library's default weights from its local cache (timm: the Hugging
+    Face cache, torchvision: ``$TORCH_HOME``) and replaces the head when ``num_classes`` differs
+    from the pretrained one. ``weights_path`` loads a state dict from a local file afterwards.
+    """
+    if name == "small_cnn":
+        if pretrained:
+            raise ConfigurationError("small_cnn has no pretrained weights: use weights_path")
+        model: nn.Module = _small_cnn(num_classes)
+    elif name.startswith("timm:"):
+        model = _timm(name.removeprefix("timm:"), num_classes, pretrained)
+    elif name.startswith("torchvision:"):
+        model = _torchvision(name.removeprefix("torchvision:"), num_classes, pretrained)
+    else:
+        raise ConfigurationError(
+            f"unknown backbone {name!r}: expected one of {', '.join(SOURCES)} "
+            f"(e.g. 'timm:resnet18', 'torchvision:densenet201')"
+        )
+    if weights_path is not None:
+        load_weights(model, weights_path)
+    return model
+
+
+def _small_cnn(num_classes: int) -> nn.Module:
+    from lightning_modules.small_cnn import SmallCNN
+
+    return SmallCNN(num_classes)
+
+
+def _timm(model_name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    import timm
+
+    if not timm.is_model(model_name):
+        suggestions = closest(model_name, timm.list_models())
+        raise ConfigurationError(
+            f"unknown timm model {model_name!r}; closest: {', '.join(suggestions) or 'none'}"
+        )
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes)
+    except (OSError, RuntimeError) as error:  # hub unreachable and weights not cached
+        if not pretrained:
+            raise
+        raise ConfigurationError(
+            f"pretrained weights for timm:{model_name} are not in the local cache and cannot be "
+            f"downloaded here ({type(error).__name__}); download them where there is network "
+            f"(they land in ~/.cache/huggingface) or pass weights_path"
+        ) from error
+
+
+def _torchvision(model_name: str, num_classes: int, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if model_name not in available:
+        suggestions = closest(model_name, available)
+        raise ConfigurationError(
+            f"unknown torchvision model {model_name!r}; closest: {', '.join(suggestions) or 'none'}"
+        )
+    if not pretrained:
+        return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes)
+    try:
+        model = torchvision.models.get_model(model_name, weights="DEFAULT")
+    except (OSError, RuntimeError) as error:
+        raise ConfigurationError(
+            f"pretrained weights for torchvision:{model_name} are not in the local cache "
+            f"($TORCH_HOME/hub/checkpoints) and cannot be downloaded here "
+            f"({type(error).__name__}); download them where there is network or pass weights_path"
+        ) from error
+    _replace_head(model, num_classes)
+    return model
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last ``nn.Linear`` for a fresh one with ``num_classes`` outputs if needed."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigurationError(f"{type(model).__name__} has no linear head to resize")
+    path, head = linears[-1]
+    if head.out_features == num_classes:
+        return
+    parent = model.get_submodule(path.rpartition(".")[0])
+    setattr(parent, path.rpartition(".")[2], nn.Linear(head.in_features, num_classes))
+
+
+def load_weights(model: nn.Module, weights_path: str) -> None:
+    """Load a state dict (``.pt``/``.pth``/``.ckpt`` with ``state_dict``, or ``.safetensors``)."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise ConfigurationError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        raise ConfigurationError(
+            f"weights in {path} do not fit the model: {' '.join(first[:3])[:300]}"
+        ) from error

@@ -1,0 +1,99 @@
+"""ClassifierModule: train and validate an image classifier with a backbone chosen by name."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.backbones import build_backbone
+
+
+class ClassifierModule(L.LightningModule):
+    """A classifier ``model`` (images → logits) with cross-entropy training.
+
+    The network lives in ``self.model``; saliency methods receive ``module.model`` and layer
+    paths relative to it (e.g. ``layer4`` for a ResNet), the names the papers use.
+
+    Args:
+        backbone: ``small_cnn``, ``timm:<name>`` or ``torchvision:<name>``.
+        num_classes: outputs of the head.
+        pretrained: start from the library's pretrained weights (local cache only offline).
+        weights_path: optional state-dict file loaded into the network.
+        optimizer: any torch optimizer, configured as ``class_path``/``init_args``.
+        scheduler: learning-rate schedule stepped every batch: ``onecycle`` (warm-up then
+            cosine decay from the optimizer's lr), ``cosine`` (decay only) or ``none``.
+        warmup_fraction: share of the steps spent warming up (``onecycle`` only).
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "small_cnn",
+        num_classes: int = 10,
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: Literal["onecycle", "cosine", "none"] = "onecycle",
+        warmup_fraction: float = 0.15,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.model: nn.Module = build_backbone(backbone, num_classes, pretrained, weights_path)
+        self.optimizer = optimizer
+        top5 = min(5, num_classes)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+
+    @property
+    def num_classes(self) -> int:
+        return self.hparams.num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        accuracy = (logits.argmax(1) == batch["label"]).float().mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc_top1", accuracy, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
+        logits = self(batch["image"])
+        labels = batch["label"]
+        self.val_top1(logits, labels)
+        self.val_top5(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.log("val/acc_top1", self.val_top1, prog_bar=True)
+        self.log("val/acc_top5", self.val_top5)
+        return {"preds": logits.argmax(1)}
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
+        return {"logits": self(batch["image"])}
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer(self.parameters())
+        if self.hparams.scheduler == "none":
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        if self.hparams.scheduler == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=[group["lr"] for group in optimizer.param_groups],
+                total_steps=total_steps,
+                pct_start=self.hparams.warmup_fraction,
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,0 +1,147 @@
+"""Shared LightningCLI plumbing of ``train.py`` and ``evaluate.py``.
+
+Every run writes into one directory ``<output_dir>/<run_name>/``: the resolved config, the
+per-epoch ``metrics.csv`` (CSVLogger), checkpoints, W&B's offline run and whatever the
+callbacks write. Errors in what the user asked for end the program with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from saliency.errors import ConfigurationError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+RUN_NAME_VARIABLE = "CONTRASTIVE_SALIENCY_RUN_NAME"
+
+
+@dataclass
+class WandbSettings:
+    """Weights & Biases logging. ``offline`` (default) needs no account; upload later with
+    ``wandb sync <run dir>/wandb/offline-run-*``. ``disabled`` creates no W&B run."""
+
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "contrastive-saliency"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    entity: str | None = None
+
+
+def alias_seed(argv: Sequence[str]) -> list[str]:
+    """Rewrite ``--seed N`` / ``--seed=N`` to LightningCLI's ``--seed_everything``."""
+    rewritten = []
+    for argument in argv:
+        if argument == "--seed":
+            rewritten.append("--seed_everything")
+        elif argument.startswith("--seed="):
+            rewritten.append("--seed_everything=" + argument.removeprefix("--seed="))
+        else:
+            rewritten.append(argument)
+    return rewritten
+
+
+class ProjectCLI(LightningCLI):
+    """LightningCLI with a run directory, CSV + W&B loggers and checkpoints placed in it."""
+
+    job_type = "train"
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--run_name", type=str | None, default=None,
+            help="name of the run directory under output_dir (default: <job>-<time>-seed<N>)",
+        )  # fmt: skip
+        parser.add_argument("--output_dir", type=str, default="outputs", help="parent of run dirs")
+        parser.add_dataclass_arguments(WandbSettings, "wandb")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["output_dir"]) / self.run_name
+
+    @property
+    def run_name(self) -> str:
+        if getattr(self, "_run_name", None) is None:
+            name = self.config["run_name"] or os.environ.get(RUN_NAME_VARIABLE)
+            if name is None:
+                name = self.default_run_name(datetime.now().strftime("%Y%m%d-%H%M%S"))
+                # DDP re-launches this script for the other ranks: they inherit this name.
+                os.environ[RUN_NAME_VARIABLE] = name
+            self._run_name = name
+        return self._run_name
+
+    def default_run_name(self, stamp: str) -> str:
+        return f"{self.job_type}-{stamp}-seed{self.config['seed_everything']}"
+
+    def run_callbacks(self) -> list:
+        """Callbacks this job adds to the trainer (besides the configured ones)."""
+        return []
+
+    def instantiate_trainer(self, **kwargs: Any):
+        run_dir = self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        kwargs.setdefault("default_root_dir", str(run_dir))
+        kwargs.setdefault("logger", self.loggers(run_dir))
+        kwargs.setdefault("callbacks", [*configured, *self.run_callbacks()])
+        return super().instantiate_trainer(**kwargs)
+
+    def loggers(self, run_dir: Path) -> list[Logger]:
+        loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
+        settings = self.config["wandb"]
+        if settings["mode"] != "disabled":
+            loggers.append(
+                WandbLogger(
+                    save_dir=str(run_dir),
+                    name=self.run_name,
+                    project=settings["project"],
+                    group=settings["group"],
+                    tags=list(settings["tags"]),
+                    entity=settings["entity"],
+                    job_type=self.job_type,
+                    offline=settings["mode"] == "offline",
+                    mode=settings["mode"],
+                )
+            )
+        return loggers
+
+
+def run_cli(main: Callable[[Sequence[str] | None], Any]) -> Any:
+    """Run ``main`` on the command line (``--seed`` aliased) and turn a
+    :class:`ConfigurationError` into one stderr line and exit status 2."""
+    # Rewritten in place: DDP re-launches the other ranks with sys.argv.
+    sys.argv[1:] = alias_seed(sys.argv[1:])
+    try:
+        return main(None)
+    except Exception as error:
+        cause = configuration_error_in(error)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def configuration_error_in(error: BaseException) -> ConfigurationError | None:
+    """The :class:`ConfigurationError` behind ``error``, if any. jsonargparse re-raises errors
+    of constructors it instantiates as a generic ``ValueError`` chained to the original."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConfigurationError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def finish_wandb(trainer) -> None:
+    """Close the W&B run so its offline files are complete before the program prints paths."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()
