@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny training runs on the embedded benchmark (no network, CPU only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+TINY_SIZES = ["--data.train_size", "96", "--data.val_size", "30", "--data.test_size", "7"]
+TINY_DATA = [*TINY_SIZES, "--data.batch_size", "16", "--data.num_workers", "0"]
+
+
+def tiny_train_args(output_dir: Path, run_name: str, seed: int, *extra: str) -> list[str]:
+    """Arguments of a train.py run that takes seconds: one epoch on 96 images."""
+    return [
+        "--seed", str(seed),
+        "--run_name", run_name,
+        "--output_dir", str(output_dir),
+        "--wandb.mode", "disabled",
+        "--trainer.max_epochs", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        *TINY_DATA,
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """Run directory of a tiny train.py run (seed 5)."""
+    import train
+
+    output_dir = tmp_path_factory.mktemp("outputs")
+    train.main(tiny_train_args(output_dir, "tiny-seed5", 5))
+    return output_dir / "tiny-seed5"

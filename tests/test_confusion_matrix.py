@@ -1,0 +1,48 @@
+"""ConfusionMatrixCallback equals a direct computation over the validation split."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+
+from callbacks.confusion_matrix import ConfusionMatrixCallback, confusion_matrix
+from datamodules import ShapesDataModule
+from lightning_modules import ClassifierModule
+
+
+def test_confusion_matrix_counts():
+    labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    preds = torch.tensor([0, 1, 1, 2, 0, 2])
+    expected = np.zeros((3, 3), dtype=np.int64)
+    for t, p in zip(labels.tolist(), preds.tolist(), strict=True):
+        expected[t, p] += 1
+    assert (confusion_matrix(labels, preds, 3).numpy() == expected).all()
+
+
+def test_callback_matrix_equals_direct_computation(tmp_path):
+    L.seed_everything(0)
+    data = ShapesDataModule(train_size=0, val_size=37, test_size=0, batch_size=8)
+    module = ClassifierModule(num_classes=10)
+    callback = ConfusionMatrixCallback(output_dir=str(tmp_path))
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.validate(module, datamodule=data)
+
+    module.eval()
+    dataset = data.dataset("val")
+    with torch.no_grad():
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        labels = torch.tensor([dataset[i]["label"] for i in range(len(dataset))])
+        preds = module(images).argmax(1)
+    expected = np.zeros((10, 10), dtype=np.int64)
+    np.add.at(expected, (labels.numpy(), preds.numpy()), 1)
+
+    assert callback.matrix.sum() == 37
+    assert (callback.matrix == expected).all()
+    assert (np.load(tmp_path / "confusion_matrix.npy") == expected).all()
+    table = pd.read_csv(tmp_path / "confusion_matrix.csv", index_col=0)
+    assert list(table.columns) == data.class_names and (table.to_numpy() == expected).all()
