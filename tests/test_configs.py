@@ -1,0 +1,38 @@
+"""Every shipped YAML config parses against the entry point it belongs to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import evaluate
+import train
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TRAIN_CONFIGS = sorted(
+    p for folder in ("data", "model", "trainer") for p in (CONFIGS / folder).glob("*.yaml")
+)
+EVALUATE_CONFIGS = sorted((CONFIGS / "evaluate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("entry", "config"),
+    [(train, p) for p in TRAIN_CONFIGS] + [(evaluate, p) for p in EVALUATE_CONFIGS],
+    ids=lambda value: value.name if isinstance(value, Path) else value.__name__,
+)
+def test_config_parses(entry, config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main(["--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path" in printed and "trainer:" in printed
+
+
+def test_a_config_with_an_unknown_key_is_refused(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  init_args:\n    batch_sise: 3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", str(bad), "--print_config"])
+    assert exit_info.value.code not in (0, None)
+    assert "batch_sise" in capsys.readouterr().err
