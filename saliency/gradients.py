@@ -47,14 +47,21 @@ def class_gradients(
     The model runs in eval mode, so samples are independent and the gradient of
     ``logits[:, classes[:, k]].sum()`` w.r.t. the activations holds every sample's own gradient:
     K backward passes through the part of the network after the layer, no parameter gradients.
+    Works under ``torch.no_grad`` and ``torch.inference_mode`` callers (grad is enabled here).
     """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "saliency maps need gradients but inference mode is on: run Lightning with "
-            "Trainer(inference_mode=False) and compute maps under torch.enable_grad()"
-        )
     classes = as_class_matrix(classes, images.shape[0]).to(images.device)
-    with capture_layer(model, layer) as capture, torch.enable_grad():
+    # Gradients are enabled locally, so callers under no_grad or inference_mode get maps too;
+    # an inference tensor cannot enter autograd, a normal copy of it can.
+    with torch.inference_mode(False), torch.enable_grad():
+        if images.is_inference():
+            images = images.clone()
+        return _class_gradients(model, images, layer, classes)
+
+
+def _class_gradients(
+    model: nn.Module, images: torch.Tensor, layer: str, classes: torch.Tensor
+) -> LayerGradients:
+    with capture_layer(model, layer) as capture:
         logits = model(images)
         activations = capture.output()
         _check_classes(classes, logits.shape[1])

@@ -99,9 +99,16 @@ def test_unknown_method_suggests_the_registered_one(net):
         create_method("gradcam", net)
 
 
-def test_inference_mode_is_refused_with_the_fix(net):
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=False"):
-        create_method("grad_cam", net, layer="features")(torch.randn(1, 3, 8, 8), torch.tensor([0]))
+def test_maps_under_inference_mode_and_no_grad_callers_equal_normal_ones(net):
+    method = create_method("grad_cam", net, layer="features")
+    images, classes = torch.randn(2, 3, 8, 8), torch.tensor([[0, 1], [2, 3]])
+    expected = method(images, classes)
+    assert expected.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(method(images, classes), expected)
+    with torch.inference_mode():
+        inference_images = images.clone()  # an inference tensor
+        torch.testing.assert_close(method(inference_images, classes), expected)
 
 
 def test_default_layer_of_the_small_cnn():
