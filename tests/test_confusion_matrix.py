@@ -12,6 +12,19 @@ from datamodules import ShapesDataModule
 from lightning_modules import ClassifierModule
 
 
+def _direct_matrix(module: ClassifierModule, data: ShapesDataModule) -> np.ndarray:
+    """Counts from predicting every validation image once, by hand."""
+    module.eval()
+    dataset = data.dataset("val")
+    with torch.no_grad():
+        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+        preds = module(images).argmax(1).numpy()
+    labels = np.array([int(dataset[i]["label"]) for i in range(len(dataset))])
+    expected = np.zeros((data.num_classes, data.num_classes), dtype=np.int64)
+    np.add.at(expected, (labels, preds), 1)
+    return expected
+
+
 def test_confusion_matrix_counts():
     labels = torch.tensor([0, 0, 1, 2, 2, 2])
     preds = torch.tensor([0, 1, 1, 2, 0, 2])
@@ -31,18 +44,27 @@ def test_callback_matrix_equals_direct_computation(tmp_path):
         enable_model_summary=False,
     )  # fmt: skip
     trainer.validate(module, datamodule=data)
-
-    module.eval()
-    dataset = data.dataset("val")
-    with torch.no_grad():
-        images = torch.stack([dataset[i]["image"] for i in range(len(dataset))])
-        labels = torch.tensor([dataset[i]["label"] for i in range(len(dataset))])
-        preds = module(images).argmax(1)
-    expected = np.zeros((10, 10), dtype=np.int64)
-    np.add.at(expected, (labels.numpy(), preds.numpy()), 1)
+    expected = _direct_matrix(module, data)
 
     assert callback.matrix.sum() == 37
     assert (callback.matrix == expected).all()
     assert (np.load(tmp_path / "confusion_matrix.npy") == expected).all()
     table = pd.read_csv(tmp_path / "confusion_matrix.csv", index_col=0)
     assert list(table.columns) == data.class_names and (table.to_numpy() == expected).all()
+
+
+def test_callback_counts_each_sample_once_under_ddp(tmp_path):
+    """Two gloo processes over 37 validation samples: the sampler pads one duplicate."""
+    L.seed_everything(0)
+    data = ShapesDataModule(train_size=0, val_size=37, test_size=0, batch_size=8)
+    module = ClassifierModule(num_classes=10)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+        callbacks=[ConfusionMatrixCallback(output_dir=str(tmp_path))],
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.validate(module, datamodule=data)
+    expected = _direct_matrix(module, data)
+    saved = np.load(tmp_path / "confusion_matrix.npy")
+    assert saved.sum() == 37
+    assert (saved == expected).all()
