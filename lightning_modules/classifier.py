@@ -50,6 +50,8 @@ class ClassifierModule(L.LightningModule):
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
 
     @property
     def num_classes(self) -> int:
@@ -77,7 +79,12 @@ class ClassifierModule(L.LightningModule):
         return {"preds": logits.argmax(1)}
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
-        return {"logits": self(batch["image"])}
+        logits = self(batch["image"])
+        self.test_top1(logits, batch["label"])
+        self.test_top5(logits, batch["label"])
+        self.log("test/acc_top1", self.test_top1)
+        self.log("test/acc_top5", self.test_top5)
+        return {"logits": logits}
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())

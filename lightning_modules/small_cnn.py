@@ -25,8 +25,6 @@ class SmallCNN(nn.Module):
     to scale, which the tests use as a closed form.
     """
 
-    default_saliency_layer = "features.3"
-
     def __init__(
         self, num_classes: int = 10, widths: Sequence[int] = (16, 32, 64, 96), in_channels: int = 3
     ) -> None:
