@@ -1,6 +1,31 @@
 """Pure, batched metric functions: tensors in, per-sample tensors out."""
 
+from saliency.metrics.functional.confidence import (
+    average_drop,
+    average_gain,
+    confidence_drop,
+    drop_increase_gain,
+    increase_in_confidence,
+    mask_top_pixels,
+    masked_confidences,
+    relative_drop,
+    soft_mask_confidences,
+    softmax_scores,
+)
 from saliency.metrics.functional.feature_agreement import feature_agreement
+from saliency.metrics.functional.localisation import (
+    aupr,
+    average_precision,
+    boxes_to_masks,
+    energy_pointing_game,
+    grid_cell_masks,
+    grid_pointing_game,
+    grid_region_scores,
+    localisation_error,
+    min_max_normalise,
+    pointing_game,
+    region_scores,
+)
 from saliency.metrics.functional.perturbation_curves import (
     curve_auc,
     deletion_auc,
@@ -10,10 +35,31 @@ from saliency.metrics.functional.perturbation_curves import (
 )
 
 __all__ = [
+    "aupr",
+    "average_drop",
+    "average_gain",
+    "average_precision",
+    "boxes_to_masks",
+    "confidence_drop",
     "curve_auc",
     "deletion_auc",
     "deletion_curve",
+    "drop_increase_gain",
+    "energy_pointing_game",
     "feature_agreement",
+    "grid_cell_masks",
+    "grid_pointing_game",
+    "grid_region_scores",
+    "increase_in_confidence",
     "insertion_curve",
+    "localisation_error",
+    "mask_top_pixels",
+    "masked_confidences",
+    "min_max_normalise",
     "perturbation_curve",
+    "pointing_game",
+    "region_scores",
+    "relative_drop",
+    "soft_mask_confidences",
+    "softmax_scores",
 ]
