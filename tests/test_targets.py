@@ -1,0 +1,90 @@
+"""Contrast / reference-class selectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from saliency.errors import ConfigurationError
+from saliency.targets import ConfusionContrast, LogitNeighbours, TopPredictions
+
+COUNTS = np.array(
+    [
+        [50, 1, 9, 0],  # class 0 is confused most with 2, then 1
+        [2, 10, 3, 5],  # class 1: 3, then 2, then 0
+        [0, 0, 0, 0],  # class 2 never occurs in validation
+        [7, 1, 1, 90],  # class 3: 0, then 1 and 2 tied (lower index first)
+    ]
+)
+
+
+def test_confusion_contrast_takes_the_top_off_diagonal_entries_of_the_target_row():
+    selector = ConfusionContrast(COUNTS, k=2)
+    contrasts = selector(None, torch.tensor([0, 1, 3, 0]))
+    assert contrasts.tolist() == [[2, 1], [3, 2], [0, 1], [2, 1]]
+    assert contrasts.dtype == torch.long
+    # Rows normalised per true class, diagonal zeroed; an empty row stays zero (no NaN).
+    torch.testing.assert_close(selector.matrix[1], torch.tensor([0.1, 0.0, 0.15, 0.25]).double())
+    assert torch.equal(selector.matrix[2], torch.zeros(4, dtype=torch.float64))
+    # The target itself is never a contrast, even for an all-zero row.
+    assert 2 not in ConfusionContrast(COUNTS, k=3)(None, torch.tensor([2]))[0].tolist()
+
+
+def test_confusion_contrast_reads_the_files_train_py_writes(tmp_path):
+    np.save(tmp_path / "confusion_matrix.npy", COUNTS)
+    names = ["a", "b", "c", "d"]
+    frame = pd.DataFrame(COUNTS, index=names, columns=names)
+    frame.index.name = "true\\predicted"
+    frame.to_csv(tmp_path / "confusion_matrix.csv")
+    targets = torch.tensor([0, 1, 2, 3])
+    expected = ConfusionContrast(COUNTS, k=1)(None, targets)
+    for suffix in ("npy", "csv"):
+        path = tmp_path / f"confusion_matrix.{suffix}"
+        assert torch.equal(ConfusionContrast(path, k=1)(None, targets), expected)
+        assert torch.equal(ConfusionContrast(str(path), k=1)(None, targets), expected)
+    assert torch.equal(ConfusionContrast(torch.tensor(COUNTS), k=1)(None, targets), expected)
+
+
+def test_confusion_contrast_errors(tmp_path):
+    missing = tmp_path / "nope" / "confusion_matrix.npy"
+    with pytest.raises(FileNotFoundError, match=r"nope/confusion_matrix\.npy.*train\.py"):
+        ConfusionContrast(missing, k=1)
+    with pytest.raises(ConfigurationError, match=r"k=4 .* 4 classes.*k <= 3"):
+        ConfusionContrast(COUNTS, k=4)
+    with pytest.raises(ConfigurationError, match=r"square \[N, N\].*\(4, 3\)"):
+        ConfusionContrast(COUNTS[:, :3], k=1)
+    with pytest.raises(ConfigurationError, match=r"positive integer, got 0"):
+        ConfusionContrast(COUNTS, k=0)
+    with pytest.raises(ConfigurationError, match=r"\[0, 3\].*max 4"):
+        ConfusionContrast(COUNTS, k=1)(None, torch.tensor([4]))
+    with pytest.raises(ConfigurationError, match=r"4 classes but the model outputs 5"):
+        ConfusionContrast(COUNTS, k=1)(torch.zeros(1, 5), torch.tensor([0]))
+    (tmp_path / "m.txt").write_text("1")
+    with pytest.raises(ConfigurationError, match=r"\.npy or \.csv"):
+        ConfusionContrast(tmp_path / "m.txt", k=1)
+
+
+LOGITS = torch.tensor([[5.0, 4.0, 1.0, 4.5, -3.0], [0.0, 2.0, 2.5, 1.0, 1.9]])
+
+
+def test_logit_neighbours_are_the_nearest_logits_excluding_the_target():
+    neighbours = LogitNeighbours(k=3)(LOGITS, torch.tensor([0, 1]))
+    assert neighbours.tolist() == [[3, 1, 2], [4, 2, 3]]
+    # Explaining a non-top class: its neighbours on both sides.
+    assert LogitNeighbours(k=2)(LOGITS, torch.tensor([3, 2])).tolist() == [[0, 1], [1, 4]]
+
+
+def test_top_predictions_are_the_other_highest_logits():
+    assert TopPredictions(k=2)(LOGITS, torch.tensor([0, 1])).tolist() == [[3, 1], [2, 4]]
+    assert TopPredictions(k=3)(LOGITS, torch.tensor([4, 2])).tolist() == [[0, 3, 1], [1, 4, 3]]
+
+
+@pytest.mark.parametrize("selector_class", [LogitNeighbours, TopPredictions])
+def test_logit_selectors_reject_k_at_least_the_number_of_classes(selector_class):
+    with pytest.raises(ConfigurationError, match=r"k=5 .* 5 classes.*k <= 4"):
+        selector_class(k=5)(LOGITS, torch.tensor([0, 1]))
+    assert selector_class(k=4)(LOGITS, torch.tensor([0, 1])).shape == (2, 4)
+    with pytest.raises(ConfigurationError, match=r"positive integer"):
+        selector_class(k=-1)
