@@ -9,24 +9,13 @@ from torch import nn
 from saliency.errors import ConfigurationError
 from saliency.methods import create_method
 from saliency.targets import LogitNeighbours, TopPredictions
-
-
-class TinyCAMNet(nn.Module):
-    """conv → ReLU → (layer 'features') → global average pool → linear."""
-
-    def __init__(self, channels: int = 6, num_classes: int = 6) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(channels, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean(dim=(2, 3)))
+from tests.tiny_models import TinyCAMNet
 
 
 @pytest.fixture
 def net():
     torch.manual_seed(0)
-    return TinyCAMNet()
+    return TinyCAMNet(num_classes=6)
 
 
 def _nearest_logit_classes(logits, targets, k):

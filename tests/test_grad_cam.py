@@ -11,24 +11,13 @@ from saliency.errors import ConfigurationError, UnknownLayerError, UnknownMethod
 from saliency.gradients import class_gradients
 from saliency.layers import resolve_layer
 from saliency.methods import create_method, list_methods
-
-
-class TinyCAMNet(nn.Module):
-    """conv → ReLU → (layer 'features') → global average pool → linear: the CAM architecture."""
-
-    def __init__(self, channels: int = 6, num_classes: int = 4) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
-        self.head = nn.Linear(channels, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean(dim=(2, 3)))
+from tests.tiny_models import TinyCAMNet
 
 
 @pytest.fixture
 def net():
     torch.manual_seed(0)
-    return TinyCAMNet()
+    return TinyCAMNet(num_classes=4)
 
 
 def test_grad_cam_equals_cam_closed_form(net):
