@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,18 +173,12 @@ def holm(p_values: np.ndarray) -> np.ndarray:
     With the ``m`` p-values sorted ascending, ``p̃_(i) = max_{j ≤ i} min(1, (m − j + 1) p_(j))``.
     NaN entries (tests that could not run) stay NaN and do not count towards ``m``.
     """
-    p, finite = _as_p_values(p_values)
-    adjusted = np.full_like(p, np.nan)
-    q = p[finite]
-    m = q.size
-    if m == 0:
-        return adjusted
-    order = np.argsort(q, kind="stable")
-    scaled = np.minimum(1.0, (m - np.arange(m)) * q[order])
-    out = np.empty(m)
-    out[order] = np.maximum.accumulate(scaled)
-    adjusted[finite] = out
-    return adjusted
+
+    def adjust(ascending: np.ndarray) -> np.ndarray:
+        m = ascending.size
+        return np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * ascending))
+
+    return _adjust_p_values(p_values, adjust)
 
 
 def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
@@ -193,17 +188,28 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
     equal to ``scipy.stats.false_discovery_control(p, method="bh")``. NaN entries stay NaN and
     do not count towards ``m``.
     """
+
+    def adjust(ascending: np.ndarray) -> np.ndarray:
+        m = ascending.size
+        scaled = ascending * m / np.arange(1, m + 1)
+        return np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+
+    return _adjust_p_values(p_values, adjust)
+
+
+def _adjust_p_values(
+    p_values: np.ndarray, adjust_ascending: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Apply a correction defined on ascending p-values, returning input order; NaN entries
+    stay NaN and do not count as tests."""
     p, finite = _as_p_values(p_values)
     adjusted = np.full_like(p, np.nan)
     q = p[finite]
-    m = q.size
-    if m == 0:
+    if q.size == 0:
         return adjusted
     order = np.argsort(q, kind="stable")
-    scaled = q[order] * m / np.arange(1, m + 1)
-    monotone = np.minimum.accumulate(scaled[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(1.0, monotone)
+    out = np.empty(q.size)
+    out[order] = adjust_ascending(q[order])
     adjusted[finite] = out
     return adjusted
 

@@ -76,13 +76,25 @@ def masked_confidences(
     and ``after`` have the shape of ``classes`` and ``probs`` is the original images' full
     ``[B, num_classes]`` softmax.
     """
-    b = images.shape[0]
+    original, perturbed = _masked_probabilities(model, images, maps, fraction, fill, batch_size)
+    index = classes.long().to(original.device).view(images.shape[0], -1)
+    before = original.gather(1, index).view_as(classes)
+    after = perturbed.gather(1, index).view_as(classes)
+    return before, after, original
+
+
+def _masked_probabilities(
+    model: nn.Module,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    fraction: float,
+    fill: float,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full softmax of the original and of the top-pixel-masked images, ``[B, N]`` each."""
     masked = mask_top_pixels(images, maps, fraction, fill)
     probs = softmax_scores(model, torch.cat([images, masked]), batch_size)
-    index = classes.long().to(probs.device).view(b, -1)
-    before = probs[:b].gather(1, index).view_as(classes)
-    after = probs[b:].gather(1, index).view_as(classes)
-    return before, after, probs[:b]
+    return probs[: images.shape[0]], probs[images.shape[0] :]
 
 
 def confidence_drop(
@@ -125,16 +137,14 @@ def relative_drop(
     """
     b = images.shape[0]
     classes = _check_classes(classes, b)
-    masked = mask_top_pixels(images, maps, fraction, fill)
-    probs = softmax_scores(model, torch.cat([images, masked]), batch_size)
-    original, perturbed = probs[:b], probs[b:]
-    classes = classes.to(probs.device)
+    original, perturbed = _masked_probabilities(model, images, maps, fraction, fill, batch_size)
+    classes = classes.to(original.device)
     if reference_classes is None:
         others = original.scatter(1, classes.view(-1, 1), -1.0)
         reference_classes = others.argmax(dim=1)
     else:
         reference_classes = _check_classes(reference_classes, b, "reference_classes")
-        reference_classes = reference_classes.to(probs.device)
+        reference_classes = reference_classes.to(original.device)
         if torch.any(reference_classes == classes):
             raise ValueError(
                 "reference_classes equal classes for some samples, which makes RD 0; pass a "
@@ -204,8 +214,7 @@ def average_drop(
 
     ``Y``/``O`` as in :func:`soft_mask_confidences`. AD = mean × 100, lower is better.
     """
-    y, o = soft_mask_confidences(model, images, maps, classes, normalise, batch_size)
-    return _ratio((y - o).clamp(min=0), y)
+    return drop_increase_gain(model, images, maps, classes, normalise, batch_size)["average_drop"]
 
 
 def increase_in_confidence(
@@ -218,8 +227,8 @@ def increase_in_confidence(
 ) -> torch.Tensor:
     """Per-sample Increase-in-Confidence indicator ``1[O > Y]`` (ClusCAM App. C Eq. 12;
     Grad-CAM++). IC = mean × 100, higher is better."""
-    y, o = soft_mask_confidences(model, images, maps, classes, normalise, batch_size)
-    return (o > y).to(y.dtype)
+    terms = drop_increase_gain(model, images, maps, classes, normalise, batch_size)
+    return terms["increase_in_confidence"]
 
 
 def average_gain(
@@ -232,8 +241,7 @@ def average_gain(
 ) -> torch.Tensor:
     """Per-sample Average Gain term ``max(0, O − Y) / (1 − Y)`` (ClusCAM App. C Eq. 13;
     Opti-CAM); 0 when ``Y = 1``. AG = mean × 100, higher is better."""
-    y, o = soft_mask_confidences(model, images, maps, classes, normalise, batch_size)
-    return _ratio((o - y).clamp(min=0), 1 - y)
+    return drop_increase_gain(model, images, maps, classes, normalise, batch_size)["average_gain"]
 
 
 def drop_increase_gain(
@@ -245,7 +253,7 @@ def drop_increase_gain(
     batch_size: int = 256,
 ) -> dict[str, torch.Tensor]:
     """AD, IC and AG per-sample terms from a single forward, keyed ``average_drop,
-    increase_in_confidence, average_gain`` (see the single-metric functions)."""
+    increase_in_confidence, average_gain`` (the single-metric functions pick one)."""
     y, o = soft_mask_confidences(model, images, maps, classes, normalise, batch_size)
     return {
         "average_drop": _ratio((y - o).clamp(min=0), y),
