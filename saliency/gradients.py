@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +40,12 @@ def as_class_matrix(classes: torch.Tensor, batch_size: int) -> torch.Tensor:
     return classes.long()
 
 
+ClassRequest = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+"""``LongTensor[B]``/``[B, K]``, or a function of the logits ``[B, N]`` returning one."""
+
+
 def class_gradients(
-    model: nn.Module, images: torch.Tensor, layer: str, classes: torch.Tensor
+    model: nn.Module, images: torch.Tensor, layer: str, classes: ClassRequest
 ) -> LayerGradients:
     """One forward pass, then the gradient of each requested logit w.r.t. ``layer``'s output.
 
@@ -48,8 +53,13 @@ def class_gradients(
     ``logits[:, classes[:, k]].sum()`` w.r.t. the activations holds every sample's own gradient:
     K backward passes through the part of the network after the layer, no parameter gradients.
     Works under ``torch.no_grad`` and ``torch.inference_mode`` callers (grad is enabled here).
+
+    ``classes`` may be a function of the (detached) logits, called after the forward pass and
+    before any backward: classes chosen from the prediction (top-k, logit neighbours) then
+    cost no second forward.
     """
-    classes = as_class_matrix(classes, images.shape[0]).to(images.device)
+    if not callable(classes):
+        classes = as_class_matrix(classes, images.shape[0]).to(images.device)
     # Gradients are enabled locally, so callers under no_grad or inference_mode get maps too;
     # an inference tensor cannot enter autograd, a normal copy of it can.
     with torch.inference_mode(False), torch.enable_grad():
@@ -59,11 +69,14 @@ def class_gradients(
 
 
 def _class_gradients(
-    model: nn.Module, images: torch.Tensor, layer: str, classes: torch.Tensor
+    model: nn.Module, images: torch.Tensor, layer: str, classes: ClassRequest
 ) -> LayerGradients:
     with capture_layer(model, layer) as capture:
         logits = model(images)
         activations = capture.output()
+        if callable(classes):
+            chosen = classes(logits.detach())
+            classes = as_class_matrix(chosen, images.shape[0]).to(images.device)
         _check_classes(classes, logits.shape[1])
         scores = logits.gather(1, classes)
         num_classes = classes.shape[1]

@@ -72,8 +72,6 @@ class ConfusionContrast:
     ignored. CASE's paper uses k = 3–5, its evaluation scripts k = 1.
     """
 
-    needs_logits: bool = False
-
     def __init__(self, matrix: np.ndarray | torch.Tensor | str | Path, k: int = 5) -> None:
         if isinstance(matrix, (str, Path)):
             matrix = load_confusion_matrix(matrix)
@@ -118,8 +116,6 @@ class LogitNeighbours:
     """Finer-CAM references (Sec. 3.2; PROTOCOLS): the k other classes whose logits are nearest
     the target's, ranked by ``|y_j − y_c|`` (ties to the lower class index)."""
 
-    needs_logits: bool = True
-
     def __init__(self, k: int = 3) -> None:
         _check_k(k)
         self.k = k
@@ -137,8 +133,6 @@ class LogitNeighbours:
 
 class TopPredictions:
     """The k highest-scoring classes other than the target (Finer-CAM's first code version)."""
-
-    needs_logits: bool = True
 
     def __init__(self, k: int = 3) -> None:
         _check_k(k)

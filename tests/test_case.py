@@ -118,13 +118,13 @@ def test_one_forward_and_one_gradient_request_for_targets_and_contrasts(net, mon
 
     requests = []
     original = contrastive.class_gradients
-    monkeypatch.setattr(
-        contrastive,
-        "class_gradients",
-        lambda model, images, layer, classes: (
-            requests.append(classes) or original(model, images, layer, classes)
-        ),
-    )
+
+    def spy(model, images, layer, classes):
+        captured = original(model, images, layer, classes)
+        requests.append(captured.classes)  # the request as resolved after the forward
+        return captured
+
+    monkeypatch.setattr(contrastive, "class_gradients", spy)
     forwards = []
     net.register_forward_pre_hook(lambda module, args: forwards.append(1))
     method = create_method("case", net, "features", contrast=ConfusionContrast(COUNTS, k=2))

@@ -118,3 +118,11 @@ def test_defaults_and_errors(net):
         create_method("finer_cam", net, "features", references=LogitNeighbours(6))(
             torch.randn(1, 3, 8, 8), torch.tensor([0])
         )
+
+
+def test_logit_neighbours_cost_no_second_forward(net):
+    forwards = []
+    net.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    method = create_method("finer_cam", net, layer="features", references=LogitNeighbours(2))
+    maps = method(torch.randn(3, 3, 8, 8), torch.tensor([[0, 1], [2, 3], [4, 5]]))
+    assert len(forwards) == 1 and maps.shape == (3, 2, 8, 8)
