@@ -25,6 +25,7 @@ from saliency.metrics.functional.localisation import (
     min_max_normalise,
     pointing_game,
     region_scores,
+    top_k_intersection,
 )
 from saliency.metrics.functional.perturbation_curves import (
     curve_auc,
@@ -62,4 +63,5 @@ __all__ = [
     "relative_drop",
     "soft_mask_confidences",
     "softmax_scores",
+    "top_k_intersection",
 ]

@@ -38,17 +38,39 @@ def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Te
     return torch.where(positive, numerator / denominator.where(positive, 1), 0.0)
 
 
-def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor, ties: str = "first") -> torch.Tensor:
     """Hit (1.0) when the map's maximum lies inside the mask, else 0.0 (CAAP Sec. 4, "PG";
     Zhang et al. 2018).
 
-    ``hit = mask[argmax E]``. Ties: the first maximal pixel in
-    row-major order (``torch.argmax`` semantics), so a constant map points at pixel (0, 0). An
-    empty mask gives 0.
+    ``hit = mask[argmax E]``. Ties between maximal pixels: ``ties="first"`` takes the first in
+    row-major order (``torch.argmax`` semantics), so a constant map points at pixel (0, 0);
+    ``ties="any"`` counts a hit when any maximal pixel is inside (Quantus' ``PointingGame``), so
+    a constant map hits every non-empty mask. An empty mask gives 0 (Quantus: NaN).
     """
     _check_masks(maps, masks)
-    index = maps.flatten(1).argmax(dim=1, keepdim=True)
-    return masks.flatten(1).gather(1, index)[:, 0].to(maps.dtype)
+    flat_maps, flat_masks = maps.flatten(1), masks.flatten(1)
+    if ties == "first":
+        index = flat_maps.argmax(dim=1, keepdim=True)
+        return flat_masks.gather(1, index)[:, 0].to(maps.dtype)
+    if ties == "any":
+        maximal = flat_maps == flat_maps.max(dim=1, keepdim=True).values
+        return (maximal & flat_masks).any(dim=1).to(maps.dtype)
+    raise ValueError(f"ties must be 'first' or 'any', got {ties!r}")
+
+
+def top_k_intersection(maps: torch.Tensor, masks: torch.Tensor, k: int) -> torch.Tensor:
+    """Fraction of the ``k`` highest-valued pixels that lie inside the mask (Theiner et al.
+    2021, "top-k intersection"; Quantus ``TopKIntersection``): ``|topk(E) ∩ R| / k``.
+
+    Ties are broken by pixel position (stable sort, row-major), so the value is deterministic;
+    an empty mask gives 0 (Quantus: NaN).
+    """
+    _check_masks(maps, masks)
+    num_pixels = maps[0].numel()
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_pixels:
+        raise ValueError(f"k must be an integer in [1, {num_pixels}] (pixels per map), got {k!r}")
+    order = torch.sort(maps.flatten(1), dim=1, descending=True, stable=True).indices[:, :k]
+    return masks.flatten(1).gather(1, order).sum(dim=1).to(maps.dtype) / k
 
 
 def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
