@@ -1,0 +1,167 @@
+"""Shared machinery of the file-based datamodules: splits, transforms, loaders, collation, errors.
+
+A concrete datamodule implements :meth:`FileDataModule.build_dataset` (returning a
+``Dataset`` whose items are dicts in the sample format of DESIGN.md: ``image``, ``label``,
+``index`` and where available ``boxes`` ``[n, 4]``, ``mask`` ``[H, W]`` bool, ...) and the
+``num_classes`` / ``class_names`` properties. File lists are built once per split and cached
+(no per-sample file-system scans after setup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SampleTransform,
+    TransformConfig,
+    config_from_model,
+)
+
+EVAL_SPLITS = ("val", "test")
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset root, annotation file or image is missing or laid out differently than the
+    loader expects; the message names the path and the expected structure."""
+
+
+def require_path(path: Path, what: str, expected: str) -> Path:
+    """``path`` if it exists, else a :class:`DatasetLayoutError` naming it and the layout."""
+    if not path.exists():
+        raise DatasetLayoutError(f"{what} not found at {str(path)!r}; expected {expected}")
+    return path
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as RGB; an unreadable file raises naming the path."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError as error:
+        raise DatasetLayoutError(f"image file {str(path)!r} is missing") from error
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetLayoutError(
+            f"image file {str(path)!r} cannot be read as an image ({error}); replace or remove it"
+        ) from error
+
+
+def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack sample dicts into a batch. ``boxes`` (a different count per image) become
+    ``[B, n_max, 4]`` padded with empty ``(0, 0, 0, 0)`` boxes plus ``num_boxes`` ``[B]``;
+    other tensors are stacked, strings and lists kept as lists."""
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [sample[key] for sample in samples]
+        if key == "boxes":
+            counts = torch.tensor([v.shape[0] for v in values])
+            padded = torch.zeros(len(values), max(int(counts.max()), 1), 4)
+            for row, value in enumerate(values):
+                padded[row, : value.shape[0]] = value
+            batch["boxes"], batch["num_boxes"] = padded, counts
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], (int, float, bool)):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
+    return batch
+
+
+class FileDataModule(L.LightningDataModule):
+    """Base of the datamodules that read a dataset from ``root``.
+
+    Args:
+        root: dataset directory (users bring the data; nothing is downloaded unless a
+            subclass says so).
+        batch_size, num_workers: data loading.
+        image_size, resize_size, mean, std, interpolation: the evaluation transform
+            (resize shorter side to ``resize_size``, centre crop ``image_size``).
+        transform_from_model: a timm model name whose pretrained data config (size, crop_pct,
+            interpolation, mean, std) replaces the five values above.
+        train_augment: random resized crop + flip on the training split.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        image_size: int = 224,
+        resize_size: int | None = 256,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        interpolation: str = "bilinear",
+        transform_from_model: str | None = None,
+        train_augment: bool = True,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).expanduser()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        if transform_from_model is not None:
+            self.transform_config = config_from_model(transform_from_model)
+        else:
+            self.transform_config = TransformConfig(
+                image_size, resize_size, tuple(mean), tuple(std), interpolation
+            )
+        self.train_augment = train_augment
+        self._datasets: dict[str, Dataset] = {}
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.transform_config.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.transform_config.std
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def transform(self, split: str) -> SampleTransform:
+        return SampleTransform(self.transform_config, train=split == "train" and self.train_augment)
+
+    def build_dataset(self, split: str) -> Dataset:
+        """The dataset of ``split`` (``train``, ``val`` or ``test``)."""
+        raise NotImplementedError
+
+    def dataset(self, split: str) -> Dataset:
+        """Cached :meth:`build_dataset`: file lists and annotations are read once per split."""
+        if split not in ("train", *EVAL_SPLITS):
+            raise ValueError(f"unknown split {split!r}; expected train, val or test")
+        if split not in self._datasets:
+            self._datasets[split] = self.build_dataset(split)
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_samples,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

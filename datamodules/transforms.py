@@ -1,0 +1,132 @@
+"""Image transforms for file-based datasets: boxes and masks follow every resize and crop.
+
+Evaluation: resize the shorter side to ``resize_size`` then centre-crop ``image_size`` (the
+torchvision/timm protocol; CASE: 256 → 224), or resize straight to ``image_size²`` when
+``resize_size`` is None. Training: random resized crop + horizontal flip. Both end in
+``ToDtype(float, scale)`` + ``Normalize(mean, std)``; mean/std travel with the datamodule so
+metrics can work in pixel space.
+
+Boxes are ``[n, 4]`` xyxy in pixel-edge coordinates (a box over pixel columns ``0 … 9`` is
+``x1 = 0, x2 = 10``), the convention of torchvision's ``BoundingBoxes``, so scaling is exact;
+after the crop they are clamped to the image. Masks are resized with nearest-neighbour.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode, v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """What the transform does; ``resize_size=None`` squashes to ``image_size²``."""
+
+    image_size: int = 224
+    resize_size: int | None = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise ValueError(
+                f"resize_size {self.resize_size} is smaller than the crop image_size "
+                f"{self.image_size}; use resize_size >= image_size, or None to squash"
+            )
+        try:
+            InterpolationMode(self.interpolation)
+        except ValueError as error:
+            valid = ", ".join(mode.value for mode in InterpolationMode)
+            raise ValueError(
+                f"unknown interpolation {self.interpolation!r}; choose one of {valid}"
+            ) from error
+
+
+def config_from_model(model_name: str) -> TransformConfig:
+    """The evaluation transform a timm model was trained with (``resolve_data_config``):
+    input size, ``crop_pct`` (resize = ⌊size / crop_pct⌋), interpolation, mean and std.
+    Reads the model's pretrained config only; no weights are downloaded."""
+    import timm
+    from timm.data import resolve_data_config
+
+    model = timm.create_model(model_name, pretrained=False)
+    data_config = resolve_data_config({}, model=model)
+    size = int(data_config["input_size"][-1])
+    crop_pct = float(data_config.get("crop_pct", 1.0))
+    return TransformConfig(
+        image_size=size,
+        resize_size=math.floor(size / crop_pct),
+        mean=tuple(float(v) for v in data_config["mean"]),
+        std=tuple(float(v) for v in data_config["std"]),
+        interpolation=str(data_config.get("interpolation", "bilinear")),
+    )
+
+
+class SampleTransform:
+    """``(PIL image, boxes [n,4] | None, mask [H,W] | None) -> (image, boxes, mask)`` tensors.
+
+    ``train=True`` uses random resized crop + flip (boxes and masks follow as well).
+    """
+
+    def __init__(self, config: TransformConfig, train: bool = False) -> None:
+        self.config = config
+        self.train = train
+        mode = InterpolationMode(config.interpolation)
+        size = config.image_size
+        if train:
+            geometry = [
+                v2.RandomResizedCrop(size, interpolation=mode, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
+        elif config.resize_size is None:
+            geometry = [v2.Resize((size, size), interpolation=mode, antialias=True)]
+        else:
+            geometry = [
+                v2.Resize(config.resize_size, interpolation=mode, antialias=True),
+                v2.CenterCrop(size),
+            ]
+        self.geometry = v2.Compose([v2.ToImage(), *geometry])
+        self.finish = v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(config.mean, config.std)]
+        )
+
+    def __call__(
+        self,
+        image,
+        boxes: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        width, height = image.size  # PIL
+        inputs: list = [image]
+        if boxes is not None:
+            inputs.append(
+                tv_tensors.BoundingBoxes(
+                    torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                    format="XYXY",
+                    canvas_size=(height, width),
+                )
+            )
+        if mask is not None:
+            mask = torch.as_tensor(mask)
+            if tuple(mask.shape) != (height, width):
+                raise ValueError(
+                    f"mask shape {tuple(mask.shape)} does not match the image size "
+                    f"{(height, width)} (H, W)"
+                )
+            inputs.append(tv_tensors.Mask(mask))
+        outputs = list(self.geometry(*inputs))
+        image_out = self.finish(outputs.pop(0)).as_subclass(torch.Tensor)
+        boxes_out = outputs.pop(0) if boxes is not None else None
+        if boxes_out is not None:
+            boxes_out = v2.functional.clamp_bounding_boxes(boxes_out).as_subclass(torch.Tensor)
+        mask_out = outputs.pop(0).as_subclass(torch.Tensor) if mask is not None else None
+        return image_out, boxes_out, mask_out
