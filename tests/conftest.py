@@ -37,3 +37,15 @@ def trained_run(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("outputs")
     train.main(tiny_train_args(output_dir, "tiny-seed5", 5))
     return output_dir / "tiny-seed5"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Skip tests marked ``gpu`` when CUDA is not available (CI never has a GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
