@@ -3,7 +3,13 @@
 Importing this package registers every method defined in its modules.
 """
 
-from saliency.methods import case, finer_cam, gradient_cams  # noqa: F401  (registers the methods)
+from saliency.methods import (  # noqa: F401  (registers the methods)
+    case,
+    finer_cam,
+    gradient_cams,
+    input_gradients,
+    var,
+)
 from saliency.methods.base import SaliencyMethod
 from saliency.methods.registry import create_method, list_methods, register_method
 
