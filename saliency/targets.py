@@ -3,19 +3,38 @@
 CASE takes its contrast set from a validation confusion matrix (:class:`ConfusionContrast`);
 Finer-CAM compares with the classes whose logits are nearest the target's
 (:class:`LogitNeighbours`) or, in its first code version, the other top predictions
-(:class:`TopPredictions`). Selectors never return the target itself.
+(:class:`TopPredictions`); :class:`ExplicitReferences` passes references chosen by hand
+(per sample) wherever these selectors are accepted. Reference selectors never return the
+target itself.
+
+VAR's class set C′ (:class:`ClassSet`) is the exception: it returns the target FIRST
+(column 0) followed by the classes it competes with, ``class_set(logits, targets) -> [B, K′]``.
+
+Call convention shared by all of them: with K targets per image, the methods call the selector
+once with the logits repeated per target (``logits.repeat_interleave(K, dim=0)``, ``[B·K, N]``)
+and the flattened targets (``targets.reshape(-1)``, ``[B·K]``), so row ``b·K + j`` belongs to
+image ``b``, target ``j``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from saliency.errors import ConfigurationError
 
-__all__ = ["ConfusionContrast", "LogitNeighbours", "TopPredictions", "load_confusion_matrix"]
+__all__ = [
+    "ClassSet",
+    "ConfusionContrast",
+    "ExplicitReferences",
+    "LogitNeighbours",
+    "TopPredictions",
+    "load_confusion_matrix",
+]
 
 
 def load_confusion_matrix(path: str | Path) -> torch.Tensor:
@@ -146,3 +165,374 @@ class TopPredictions:
 
     def __repr__(self) -> str:
         return f"TopPredictions(k={self.k})"
+
+
+ClassSetMode = Literal["top_k_least", "fixed"]
+
+
+def _check_count(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ConfigurationError(
+            f"ClassSet k (the number of most probable other classes) must be an integer >= 0, "
+            f"got {k!r}; k=0 gives the target plus the least probable class"
+        )
+
+
+def _as_class_table(values: object, what: str, dims: tuple[int, ...]) -> torch.Tensor:
+    """An integer tensor of non-negative class indices with one of the ``dims``."""
+    if isinstance(values, torch.Tensor):
+        table = values
+    else:
+        try:
+            table = torch.as_tensor(np.asarray(values))
+        except (TypeError, ValueError) as error:
+            raise ConfigurationError(
+                f"{what} must be an integer tensor or nested lists of class indices of equal "
+                f"length per sample; got {type(values).__name__} ({error})"
+            ) from error
+    if table.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ConfigurationError(
+            f"{what} must hold integer class indices, got dtype {table.dtype}; pass a LongTensor"
+        )
+    if table.dim() not in dims:
+        shapes = " or ".join(f"{d}-D" for d in dims)
+        raise ConfigurationError(f"{what} must be {shapes}, got shape {tuple(table.shape)}")
+    table = table.long()
+    if table.numel() and int(table.min()) < 0:
+        raise ConfigurationError(f"{what} hold a negative class index {int(table.min())}")
+    return table
+
+
+def _first_duplicate_row(table: torch.Tensor) -> int | None:
+    """The first row (over all leading dims, flattened) holding a class twice, else None."""
+    rows = table.reshape(-1, table.shape[-1])
+    ordered = rows.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+    return int(repeated.nonzero()[0, 0]) if bool(repeated.any()) else None
+
+
+def _check_class_range(table: torch.Tensor, num_classes: int, what: str) -> None:
+    if table.numel() and int(table.max()) >= num_classes:
+        raise ConfigurationError(
+            f"{what} hold class {int(table.max())} but the model outputs {num_classes} logits "
+            f"(classes 0..{num_classes - 1}); build them for this model"
+        )
+
+
+class ClassSet:
+    """VAR's class set C′ (``var.md`` Sec. 3.3 and App. A.1): which classes compete with the
+    target in the per-pixel softmax (Eq. 2). ``class_set(logits [B, N] | None, targets [B])``
+    returns ``LongTensor[B, K′]`` with the TARGET FIRST (column 0) and no class twice.
+
+    ``mode="top_k_least"`` (App. A.1, "Top-k Most Probable Classes"; used by the paper for the
+    insertion and randomisation tests): the target, then the ``k`` most probable OTHER classes
+    (descending probability, ties to the lower class index), then the least probable class.
+    Probabilities are ranked by the logits (softmax is monotone). The paper states no value of
+    k; the default ``k=3`` (K′ = 5) is this library's choice. The paper counts the target among
+    its "k highest" when it is the prediction, so its k equals this ``k + 1`` there. ``k=0``
+    gives App. A.1's Best-vs-Worst set ``{c_max, c_min}`` when the target is the prediction.
+    Deterministic edge cases: the least-probable slot takes the least probable class NOT
+    already in the set (so if the target itself is the least probable class, the next least
+    probable one is used; ties to the lower class index), and when no class is left
+    (``k = N − 1``) the slot is dropped, so K′ = min(k + 2, N) for every row.
+    ``k > N − 1`` raises.
+
+    ``mode="fixed"`` (App. A.1, "Predefined Class Sets"; the paper's choice for localisation,
+    e.g. the four classes of a 2×2 grid): ``sets`` is ``LongTensor[B, M]`` (one set per
+    image of the batch) or ``[M]`` (one set shared by every image). Each target must be a
+    member of its image's set; the output is the set reordered so the target comes first, the
+    others in the given order. Per-sample sets belong to one batch: build one per batch (or
+    pass the tensor to ``var(images, classes, class_set=sets)``). With K targets per image the
+    caller passes ``B·K`` rows (logits repeated per target, module docstring) and each image's
+    set is repeated for its K targets.
+    """
+
+    def __init__(
+        self,
+        mode: ClassSetMode = "top_k_least",
+        k: int = 3,
+        sets: torch.Tensor | Sequence[Sequence[int]] | Sequence[int] | None = None,
+    ) -> None:
+        if mode not in ("top_k_least", "fixed"):
+            raise ConfigurationError(
+                f"ClassSet mode must be 'top_k_least' (target + k most probable + least "
+                f"probable) or 'fixed' (explicit sets per sample), got {mode!r}"
+            )
+        self.mode = mode
+        self.k = k
+        self.sets: torch.Tensor | None = None
+        if mode == "top_k_least":
+            if sets is not None:
+                raise ConfigurationError(
+                    "ClassSet sets= is only used with mode='fixed'; use ClassSet.fixed(sets)"
+                )
+            _check_count(k)
+            return
+        if sets is None:
+            raise ConfigurationError(
+                "ClassSet mode='fixed' needs sets=LongTensor[B, M] (one class set per image, "
+                "e.g. a 2x2 grid's four classes) or [M] (one set for every image)"
+            )
+        table = _as_class_table(sets, "fixed class sets", (1, 2))
+        if table.shape[-1] < 2:
+            raise ConfigurationError(
+                f"fixed class sets need at least 2 classes (the target and a rival), got sets "
+                f"of {table.shape[-1]}; VAR's map of a lone class is zero everywhere"
+            )
+        duplicate = _first_duplicate_row(table)
+        if duplicate is not None:
+            row = table.reshape(-1, table.shape[-1])[duplicate].tolist()
+            raise ConfigurationError(
+                f"fixed class set {duplicate} holds a class twice: {row}; list each class once"
+            )
+        self.sets = table
+
+    @classmethod
+    def top_k_least(cls, k: int = 3) -> ClassSet:
+        """The target + the k most probable other classes + the least probable class."""
+        return cls("top_k_least", k=k)
+
+    @classmethod
+    def fixed(cls, sets: torch.Tensor | Sequence[Sequence[int]] | Sequence[int]) -> ClassSet:
+        """Explicit sets: ``[B, M]`` per image of the batch, or ``[M]`` shared by all."""
+        return cls("fixed", sets=sets)
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the selector reads the logits (fixed sets do not: no forward is needed)."""
+        return self.mode == "top_k_least"
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch the per-sample fixed sets belong to; None when they fit any batch."""
+        if self.sets is None or self.sets.dim() == 1:
+            return None
+        return self.sets.shape[0]
+
+    def __call__(self, logits: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        if self.mode == "top_k_least":
+            return self._top_k_least(logits, targets)
+        return self._fixed(logits, targets)
+
+    def _top_k_least(self, logits: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise ConfigurationError(
+                f"ClassSet('top_k_least') ranks classes by the logits [B, N]; got "
+                f"{getattr(logits, 'shape', logits)!r}"
+            )
+        num_classes = logits.shape[1]
+        if self.k > num_classes - 1:
+            raise ConfigurationError(
+                f"ClassSet k={self.k} most probable other classes requested but the model has "
+                f"{num_classes} classes, so at most {num_classes - 1} other classes exist; "
+                f"choose k <= {num_classes - 1}"
+            )
+        targets = _check_targets(targets, num_classes).to(logits.device)
+        _check_rows(logits, targets, "ClassSet")
+        rows = targets.shape[0]
+        # Stable descending order of all classes, then drop the target (exactly once per row).
+        order = torch.sort(logits, dim=1, descending=True, stable=True).indices
+        others = order[order != targets[:, None]].reshape(rows, num_classes - 1)
+        chosen = [targets[:, None], others[:, : self.k]]
+        remaining = others[:, self.k :]
+        if remaining.shape[1] > 0:
+            # The first minimum in a stable descending list is the lowest index among ties.
+            values = logits.gather(1, remaining)
+            chosen.append(remaining.gather(1, values.argmin(dim=1, keepdim=True)))
+        return torch.cat(chosen, dim=1)
+
+    def _fixed(self, logits: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        assert self.sets is not None
+        if targets.dim() != 1:
+            raise ConfigurationError(
+                f"targets must be LongTensor[B], got shape {tuple(targets.shape)}"
+            )
+        targets = targets.long()
+        rows = targets.shape[0]
+        sets = self.sets.to(targets.device)
+        if sets.dim() == 1:
+            table = sets.expand(rows, -1)
+        else:
+            if rows % sets.shape[0]:
+                raise ConfigurationError(
+                    f"fixed class sets were given for {sets.shape[0]} images but the method "
+                    f"asked for {rows} rows (images x targets per image); build "
+                    f"ClassSet.fixed(sets) from the sets of this batch"
+                )
+            table = sets.repeat_interleave(rows // sets.shape[0], dim=0)
+        if logits is not None:
+            _check_rows(logits, targets, "ClassSet")
+            _check_class_range(table, logits.shape[1], "fixed class sets")
+        is_target = table == targets[:, None]
+        missing = ~is_target.any(dim=1)
+        if bool(missing.any()):
+            row = int(missing.nonzero()[0, 0])
+            raise ConfigurationError(
+                f"target class {int(targets[row])} (row {row}) is not in its fixed class set "
+                f"{table[row].tolist()}; VAR refines the target's own map against the other "
+                f"members, so every target must belong to its set: add it, or explain one of "
+                f"the set's classes"
+            )
+        positions = torch.arange(table.shape[1], device=table.device).expand_as(table)
+        order = torch.where(is_target, -1, positions).argsort(dim=1, stable=True)
+        return table.gather(1, order)
+
+    def __repr__(self) -> str:
+        if self.mode == "top_k_least":
+            return f"ClassSet(mode='top_k_least', k={self.k})"
+        assert self.sets is not None
+        return f"ClassSet(mode='fixed', sets shape={tuple(self.sets.shape)})"
+
+
+def _check_rows(logits: torch.Tensor, targets: torch.Tensor, who: str) -> None:
+    if logits.dim() != 2 or logits.shape[0] != targets.shape[0]:
+        raise ConfigurationError(
+            f"{who} got logits of shape {tuple(logits.shape)} for {targets.shape[0]} targets; "
+            f"expected [{targets.shape[0]}, N] (logits repeated per target)"
+        )
+
+
+class ExplicitReferences:
+    """Reference / contrast classes chosen by hand, per sample, for CASE (``contrast=``) or
+    Finer-CAM (``references=``) in place of a selector computed from the model.
+
+    ``references``: ``LongTensor[B, k]`` (the same k references for every target of image b),
+    ``LongTensor[B, K, k]`` (per image and target), or a mapping ``{sample: [classes]}``. A
+    mapping is keyed by the dataset ``index`` of the samples when ``indices`` (the batch's
+    ``index`` values, in batch order) is given, else by the position in the batch
+    (keys exactly ``0..B-1``); every row must have the same length k.
+
+    The methods call a selector with one row per (image, target): ``B·K`` rows, the logits
+    repeated per target (module docstring). ``[B, k]`` references are repeated for the K
+    targets of each image; declare ``targets_per_image=K`` when explaining K > 1 classes per
+    image (default 1), so that references built for another batch size are an error, never
+    silently repeated. ``[B, K, k]`` references fix K themselves.
+
+    Checked at each call: the row count matches ``B·K``; no reference equals its target; class
+    indices are below the model's number of logits. Logits are otherwise ignored. Build one per
+    batch (``method.contrast = ...`` / ``method.references = ...``).
+    """
+
+    def __init__(
+        self,
+        references: torch.Tensor | Sequence[Sequence[int]] | Mapping[int, Sequence[int]],
+        targets_per_image: int | None = None,
+        indices: torch.Tensor | Sequence[int] | None = None,
+    ) -> None:
+        if isinstance(references, Mapping):
+            references = _rows_from_mapping(references, indices)
+        elif indices is not None:
+            raise ConfigurationError(
+                "ExplicitReferences indices= is only used with a mapping {sample index: "
+                "references}; a tensor is already in batch order"
+            )
+        table = _as_class_table(references, "explicit references", (2, 3))
+        if table.shape[-1] < 1 or table.shape[0] < 1:
+            raise ConfigurationError(
+                f"explicit references must hold at least one image and one reference class, "
+                f"got shape {tuple(table.shape)}"
+            )
+        if table.dim() == 3:
+            if targets_per_image is not None and targets_per_image != table.shape[1]:
+                raise ConfigurationError(
+                    f"explicit references of shape {tuple(table.shape)} are [B, K, k] with "
+                    f"K={table.shape[1]} targets per image, but targets_per_image="
+                    f"{targets_per_image}; drop targets_per_image or make them agree"
+                )
+            targets_per_image = table.shape[1]
+        elif targets_per_image is None:
+            targets_per_image = 1
+        if (
+            isinstance(targets_per_image, bool)
+            or not isinstance(targets_per_image, int)
+            or targets_per_image < 1
+        ):
+            raise ConfigurationError(
+                f"targets_per_image must be a positive integer (the K of classes [B, K]), got "
+                f"{targets_per_image!r}"
+            )
+        duplicate = _first_duplicate_row(table)
+        if duplicate is not None:
+            row = table.reshape(-1, table.shape[-1])[duplicate].tolist()
+            raise ConfigurationError(
+                f"explicit reference row {duplicate} holds a class twice: {row}; list each "
+                f"reference once"
+            )
+        self.references = table
+        self.targets_per_image = targets_per_image
+
+    @property
+    def batch_size(self) -> int:
+        return self.references.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.references.shape[-1]
+
+    def __call__(self, logits: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        if targets.dim() != 1:
+            raise ConfigurationError(
+                f"targets must be LongTensor[B], got shape {tuple(targets.shape)}"
+            )
+        targets = targets.long()
+        expected = self.batch_size * self.targets_per_image
+        if targets.shape[0] != expected:
+            raise ConfigurationError(
+                f"ExplicitReferences hold references for {self.batch_size} images x "
+                f"{self.targets_per_image} targets per image = {expected} rows, but the method "
+                f"asked for {targets.shape[0]} (images x targets per image); build one per "
+                f"batch, and pass targets_per_image=K when explaining K classes per image"
+            )
+        table = self.references.to(targets.device)
+        if table.dim() == 3:
+            table = table.reshape(expected, -1)
+        else:
+            table = table.repeat_interleave(self.targets_per_image, dim=0)
+        if logits is not None:
+            _check_rows(logits, targets, "ExplicitReferences")
+            _check_targets(targets, logits.shape[1])
+            _check_class_range(table, logits.shape[1], "explicit references")
+        clash = (table == targets[:, None]).any(dim=1)
+        if bool(clash.any()):
+            row = int(clash.nonzero()[0, 0])
+            image, target = divmod(row, self.targets_per_image)
+            raise ConfigurationError(
+                f"explicit references {table[row].tolist()} of image {image} (target {target}) "
+                f"contain the target class {int(targets[row])} itself; a reference must differ "
+                f"from the class it is contrasted with: remove it from that row"
+            )
+        return table
+
+    def __repr__(self) -> str:
+        return (
+            f"ExplicitReferences(shape={tuple(self.references.shape)}, "
+            f"targets_per_image={self.targets_per_image})"
+        )
+
+
+def _rows_from_mapping(
+    mapping: Mapping[int, Sequence[int]], indices: torch.Tensor | Sequence[int] | None
+) -> list[list[int]]:
+    if indices is None:
+        keys = list(range(len(mapping)))
+        if set(mapping) != set(keys):
+            raise ConfigurationError(
+                f"a references mapping without indices= is keyed by batch position and needs "
+                f"exactly the keys 0..{len(mapping) - 1}, got {sorted(mapping)}; pass "
+                f"indices=<the batch's sample index values> to key it by dataset index"
+            )
+    else:
+        keys = [int(i) for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        absent = [key for key in keys if key not in mapping]
+        if absent:
+            raise ConfigurationError(
+                f"references mapping has no entry for sample index {absent[0]} of this batch "
+                f"({len(absent)} missing); add references for every sample in indices="
+            )
+    rows = [list(mapping[key]) for key in keys]
+    lengths = sorted({len(row) for row in rows})
+    if len(lengths) > 1:
+        raise ConfigurationError(
+            f"every sample needs the same number of references; got lengths {lengths}"
+        )
+    return rows
