@@ -1,5 +1,47 @@
-"""Metrics: torchmetrics classes over per-sample values; pure functions in ``functional``."""
+"""Metrics: torchmetrics classes over per-sample values; pure functions in ``functional``.
 
-from saliency.metrics.per_sample import PerSampleValues, unique_by_index
+Every class keeps per-sample scalars plus the sample index (``dist_reduce_fx="cat"``),
+de-duplicated by index, so padded duplicates from a ``DistributedSampler`` never count twice;
+``compute()`` returns summary statistics and ``per_sample()`` the values for tests between
+methods (see :class:`~saliency.metrics.per_sample.SampleMetric`).
+"""
 
-__all__ = ["PerSampleValues", "unique_by_index"]
+from saliency.metrics.confidence import ConfidenceDrop, DropIncreaseGain, RelativeDrop
+from saliency.metrics.feature_agreement import FeatureAgreement
+from saliency.metrics.localisation import (
+    AUPR,
+    EnergyPointingGame,
+    GridPointingGame,
+    GridRegionScores,
+    LocalisationError,
+    PointingGame,
+    RegionScores,
+)
+from saliency.metrics.per_sample import (
+    PerSampleValues,
+    SampleMetric,
+    summary_statistics,
+    unique_by_index,
+)
+from saliency.metrics.perturbation_curves import DeletionAUC, DeletionInsertion, InsertionAUC
+
+__all__ = [
+    "AUPR",
+    "ConfidenceDrop",
+    "DeletionAUC",
+    "DeletionInsertion",
+    "DropIncreaseGain",
+    "EnergyPointingGame",
+    "FeatureAgreement",
+    "GridPointingGame",
+    "GridRegionScores",
+    "InsertionAUC",
+    "LocalisationError",
+    "PerSampleValues",
+    "PointingGame",
+    "RegionScores",
+    "RelativeDrop",
+    "SampleMetric",
+    "summary_statistics",
+    "unique_by_index",
+]

@@ -1,0 +1,210 @@
+"""Localisation metrics as torchmetrics classes: pointing game, energy pointing game,
+localisation error, AUPR₁/AUPR₀, grid pointing game and VAR's region scores.
+
+Pure functions of the maps (no model): ``update`` takes maps ``[B, H, W]``, the ground truth
+(bool masks ``[B, H, W]``, xyxy pixel-edge boxes ``[B, 4]``, or the target cell ``[B]`` of a
+grid image) and the sample ``index`` ``[B]``. Boxes can be turned into masks with
+:func:`~saliency.metrics.functional.localisation.boxes_to_masks` (Score-CAM's energy pointing
+game uses boxes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from saliency.metrics.functional.localisation import (
+    aupr,
+    energy_pointing_game,
+    grid_pointing_game,
+    grid_region_scores,
+    localisation_error,
+    pointing_game,
+    region_scores,
+)
+from saliency.metrics.per_sample import SampleMetric
+
+_REGION_COLUMNS = ("region_attribution", "iou", "precision", "recall", "f1")
+
+
+def _check_grid(grid: int) -> int:
+    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+        raise ValueError(f"grid must be a positive number of cells per side, got {grid!r}")
+    return grid
+
+
+def _check_region_options(blur_kernel: int, threshold: float) -> None:
+    if blur_kernel < 1 or blur_kernel % 2 == 0:
+        raise ValueError(f"blur_kernel must be a positive odd size, got {blur_kernel}")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(
+            f"threshold is a fraction of each map's maximum in [0, 1), got {threshold}"
+        )
+
+
+class PointingGame(SampleMetric):
+    """Per-sample hit (1/0): the map's maximum lies inside the mask (Zhang et al. 2018; CAAP
+    Sec. 4 "PG"). The paper's score is the hit rate, the column's mean.
+
+    ``update(maps, masks, index)``. Column: ``pointing_game``.
+    """
+
+    value_names: ClassVar[tuple[str, ...]] = ("pointing_game",)
+    higher_is_better = True
+
+    def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
+        """Hits of ``maps`` in ``masks`` (bool) for the samples ``index``."""
+        self._add(index, pointing_game=pointing_game(maps, masks))
+
+
+class EnergyPointingGame(SampleMetric):
+    """Per-sample share of the positive saliency mass inside the mask (Score-CAM, Wang et al.
+    2020; ClusCAM App. C Eq. 14); reported as the mean.
+
+    ``update(maps, masks, index)``. Column: ``energy_pointing_game``.
+    """
+
+    value_names: ClassVar[tuple[str, ...]] = ("energy_pointing_game",)
+    higher_is_better = True
+
+    def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
+        """Energy of ``maps`` inside ``masks`` (bool) for the samples ``index``."""
+        self._add(index, energy_pointing_game=energy_pointing_game(maps, masks))
+
+
+class LocalisationError(SampleMetric):
+    """Per-sample ``1 − IoU`` of the box around the pixels at or above the map's mean and the
+    ground-truth box (Opti-CAM; ClusCAM App. C Eq. 15); reported as the mean, lower is better.
+
+    ``update(maps, boxes, index)`` with ``boxes`` ``[B, 4]`` xyxy pixel-edge coordinates.
+    Column: ``localisation_error``.
+    """
+
+    value_names: ClassVar[tuple[str, ...]] = ("localisation_error",)
+    higher_is_better = False
+
+    def update(self, maps: torch.Tensor, boxes: torch.Tensor, index: torch.Tensor) -> None:
+        """Localisation error of ``maps`` against ``boxes`` for the samples ``index``."""
+        self._add(index, localisation_error=localisation_error(maps, boxes))
+
+
+class AUPR(SampleMetric):
+    """Per-sample AUPR₁ (average precision of the min-max normalised map against the mask) and
+    AUPR₀ (of ``1 − map`` against the inverted mask) (CAAP Sec. 4); reported as means, higher
+    is better.
+
+    ``update(maps, masks, index)``. Columns: ``aupr_1``, ``aupr_0``.
+    """
+
+    value_names: ClassVar[tuple[str, ...]] = ("aupr_1", "aupr_0")
+    higher_is_better = True
+
+    def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
+        """AUPR₁ and AUPR₀ of ``maps`` against ``masks`` (bool) for the samples ``index``."""
+        positive, negative = aupr(maps, masks)
+        self._add(index, aupr_1=positive, aupr_0=negative)
+
+
+class GridPointingGame(SampleMetric):
+    """Per-sample share of the positive mass in the target cell of a ``grid × grid`` image
+    (Rao et al. 2022; VAR Sec. 4.1, App. B.1); 0 when the total is ≤ ``eps``; chance is
+    ``1 / grid²``; reported as the mean. Keeping only confidently and correctly classified
+    grids (≥ 0.99) is the caller's / the grid dataset's.
+
+    Args:
+        grid: cells per side (2 for Quad grids).
+        eps: total positive mass below which the score is 0 (Rao et al.: 1e-7).
+        kwargs: torchmetrics ``Metric`` options.
+
+    ``update(maps, cell_index, index)`` with ``cell_index`` ``[B]`` row-major target cells.
+    Column: ``grid_pointing_game``.
+    """
+
+    value_names: ClassVar[tuple[str, ...]] = ("grid_pointing_game",)
+    higher_is_better = True
+
+    def __init__(self, grid: int = 2, eps: float = 1e-7, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.grid = _check_grid(grid)
+        self.eps = eps
+
+    def update(self, maps: torch.Tensor, cell_index: torch.Tensor, index: torch.Tensor) -> None:
+        """Share of ``maps`` in cells ``cell_index`` for the samples ``index``."""
+        score = grid_pointing_game(maps, cell_index, self.grid, self.eps)
+        self._add(index, grid_pointing_game=score)
+
+
+class _RegionScoreOptions(SampleMetric):
+    """Shared options of :class:`RegionScores` and :class:`GridRegionScores`."""
+
+    value_names: ClassVar[tuple[str, ...]] = _REGION_COLUMNS
+    higher_is_better = True
+
+    def __init__(
+        self,
+        blur_kernel: int = 11,
+        blur_sigma: float | None = None,
+        threshold: float = 0.0,
+        eps: float = 1e-7,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        _check_region_options(blur_kernel, threshold)
+        self.blur_kernel = blur_kernel
+        self.blur_sigma = blur_sigma
+        self.threshold = threshold
+        self.eps = eps
+
+
+class RegionScores(_RegionScoreOptions):
+    """VAR's localisation scores against a mask (VAR App. B.1): region attribution (mass in
+    the region after an 11×11 Gaussian blur of the positive map), IoU, precision, recall and
+    F1 of the attributed pixels; reported as means.
+
+    Args:
+        blur_kernel, blur_sigma, threshold, eps: as
+            :func:`~saliency.metrics.functional.localisation.region_scores`.
+        kwargs: torchmetrics ``Metric`` options.
+
+    ``update(maps, masks, index)``. Columns: ``region_attribution``, ``iou``, ``precision``,
+    ``recall``, ``f1``.
+    """
+
+    def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
+        """Region scores of ``maps`` against ``masks`` (bool) for the samples ``index``."""
+        scores = region_scores(
+            maps, masks, self.blur_kernel, self.blur_sigma, self.threshold, self.eps
+        )
+        self._add(index, **scores)
+
+
+class GridRegionScores(_RegionScoreOptions):
+    """:class:`RegionScores` with the target cell of a ``grid × grid`` image as the region
+    (VAR Sec. 4.1 / App. B.1, Quad-ImageNet).
+
+    Args:
+        grid: cells per side (2 for Quad grids); the others as :class:`RegionScores`.
+
+    ``update(maps, cell_index, index)`` with ``cell_index`` ``[B]`` row-major target cells.
+    Columns as :class:`RegionScores`.
+    """
+
+    def __init__(
+        self,
+        grid: int = 2,
+        blur_kernel: int = 11,
+        blur_sigma: float | None = None,
+        threshold: float = 0.0,
+        eps: float = 1e-7,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(blur_kernel, blur_sigma, threshold, eps, **kwargs)
+        self.grid = _check_grid(grid)
+
+    def update(self, maps: torch.Tensor, cell_index: torch.Tensor, index: torch.Tensor) -> None:
+        """Region scores of ``maps`` in cells ``cell_index`` for the samples ``index``."""
+        scores = grid_region_scores(
+            maps, cell_index, self.grid, self.blur_kernel, self.blur_sigma, self.threshold, self.eps
+        )
+        self._add(index, **scores)
