@@ -60,7 +60,7 @@ def metric_calls(
             model, images, maps, classes, batch_size=batch_size
         ),
         "deletion_auc": lambda: F.deletion_auc(model, images, maps, classes, batch_size=batch_size),
-        "insertion_curve": lambda: F.insertion_curve(
+        "insertion_auc": lambda: F.insertion_auc(
             model, images, maps, classes, batch_size=batch_size
         ),
     }
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def deletion_and_insertion(batch_size: int = batch_size) -> None:
             F.deletion_auc(model, images, maps, classes, pixels_per_step, batch_size=batch_size)
-            F.insertion_curve(model, images, maps, classes, pixels_per_step, batch_size=batch_size)
+            F.insertion_auc(model, images, maps, classes, pixels_per_step, batch_size=batch_size)
 
         seconds = median_seconds(deletion_and_insertion, device, args.repeats, warmup=0)
         curves_rows.append(

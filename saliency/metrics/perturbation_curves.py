@@ -6,24 +6,18 @@ Each ``update`` takes the model (never kept), images in the model's input (norma
 ``index`` ``[B]``. Pixels are ranked by saliency, ``pixels_per_step`` at a time (default: the
 image width, RISE's 224 per step at 224²); the score is the softmax of the class; AUC is the
 normalised trapezoid in [0, 1]. Perturbed images go through the model in forward batches of
-at most ``batch_size`` under ``torch.no_grad()`` (samples are taken ``batch_size`` at a time,
-each forward pass holds as many curve steps of them as fit), in the model's current mode. Only the AUCs are kept,
-not the curves.
+at most ``batch_size`` under ``torch.no_grad()``, in the model's current mode. Only the AUCs
+are kept, not the curves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from saliency.metrics.functional.perturbation_curves import (
-    curve_auc,
-    deletion_auc,
-    insertion_curve,
-)
+from saliency.metrics.functional.perturbation_curves import deletion_auc, insertion_auc
 from saliency.metrics.per_sample import SampleMetric, check_batch_size
 
 
@@ -45,57 +39,6 @@ def _check_blur(blur_kernel: int, blur_sigma: float) -> None:
         raise ValueError(f"blur_kernel must be a positive odd size, got {blur_kernel}")
     if blur_sigma <= 0:
         raise ValueError(f"blur_sigma must be positive, got {blur_sigma}")
-
-
-def _in_chunks(
-    auc: Callable[..., torch.Tensor],
-    model: nn.Module,
-    images: torch.Tensor,
-    maps: torch.Tensor,
-    classes: torch.Tensor,
-    batch_size: int,
-    **options: Any,
-) -> torch.Tensor:
-    """``auc`` over chunks of at most ``batch_size`` samples.
-
-    The curve functionals evaluate one step of every sample in the same forward pass, so a
-    forward batch holds at least all ``B`` samples; chunking the samples keeps each forward
-    pass within ``batch_size`` images. Per-sample values do not depend on the chunking.
-    """
-    if images.shape[0] != maps.shape[0] or images.shape[0] != classes.shape[0]:
-        raise ValueError(
-            f"images, maps and classes must share the batch size, got {images.shape[0]}, "
-            f"{maps.shape[0]} and {classes.shape[0]}"
-        )
-    parts = [
-        auc(model, *chunk, batch_size=batch_size, **options)
-        for chunk in zip(
-            images.split(batch_size),
-            maps.split(batch_size),
-            classes.split(batch_size),
-            strict=True,
-        )
-    ]
-    return torch.cat(parts) if parts else images.new_empty(0)
-
-
-def _insertion_auc(
-    model: nn.Module,
-    images: torch.Tensor,
-    maps: torch.Tensor,
-    classes: torch.Tensor,
-    pixels_per_step: int | None = None,
-    blur_kernel: int = 11,
-    blur_sigma: float = 5.0,
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """AUC of :func:`~saliency.metrics.functional.perturbation_curves.insertion_curve`, ``[B]``
-    (the functional module has ``deletion_auc`` but no insertion counterpart)."""
-    pixels_per_step = pixels_per_step or images.shape[-1]
-    curve = insertion_curve(
-        model, images, maps, classes, pixels_per_step, blur_kernel, blur_sigma, batch_size
-    )
-    return curve_auc(curve, images.shape[-2] * images.shape[-1], pixels_per_step)
 
 
 class DeletionAUC(SampleMetric):
@@ -135,13 +78,12 @@ class DeletionAUC(SampleMetric):
         index: torch.Tensor,
     ) -> None:
         """Deletion AUC of ``classes`` for the samples ``index``."""
-        auc = _in_chunks(
-            deletion_auc,
+        auc = deletion_auc(
             model,
             images,
             maps,
             classes,
-            self.batch_size,
+            batch_size=self.batch_size,
             pixels_per_step=self.pixels_per_step,
             fill=self.fill,
         )
@@ -188,13 +130,12 @@ class InsertionAUC(SampleMetric):
         index: torch.Tensor,
     ) -> None:
         """Insertion AUC of ``classes`` for the samples ``index``."""
-        auc = _in_chunks(
-            _insertion_auc,
+        auc = insertion_auc(
             model,
             images,
             maps,
             classes,
-            self.batch_size,
+            batch_size=self.batch_size,
             pixels_per_step=self.pixels_per_step,
             blur_kernel=self.blur_kernel,
             blur_sigma=self.blur_sigma,
@@ -242,23 +183,21 @@ class DeletionInsertion(SampleMetric):
         index: torch.Tensor,
     ) -> None:
         """Both AUCs of ``classes`` for the samples ``index``."""
-        deletion = _in_chunks(
-            deletion_auc,
+        deletion = deletion_auc(
             model,
             images,
             maps,
             classes,
-            self.batch_size,
+            batch_size=self.batch_size,
             pixels_per_step=self.pixels_per_step,
             fill=self.fill,
         )
-        insertion = _in_chunks(
-            _insertion_auc,
+        insertion = insertion_auc(
             model,
             images,
             maps,
             classes,
-            self.batch_size,
+            batch_size=self.batch_size,
             pixels_per_step=self.pixels_per_step,
             blur_kernel=self.blur_kernel,
             blur_sigma=self.blur_sigma,

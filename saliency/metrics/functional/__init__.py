@@ -31,6 +31,7 @@ from saliency.metrics.functional.perturbation_curves import (
     curve_auc,
     deletion_auc,
     deletion_curve,
+    insertion_auc,
     insertion_curve,
     perturbation_curve,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "grid_pointing_game",
     "grid_region_scores",
     "increase_in_confidence",
+    "insertion_auc",
     "insertion_curve",
     "localisation_error",
     "mask_top_pixels",
