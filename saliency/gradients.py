@@ -9,13 +9,17 @@ import torch
 from torch import nn
 
 from saliency.errors import ConfigurationError
+from saliency.feature_layout import check_layout, detect_layout
 from saliency.layers import capture_layer
 
 
 @dataclass(frozen=True)
 class LayerGradients:
     """Activations ``[B, C, h, w]``, logits ``[B, N]``, the explained ``classes`` ``[B, K]`` and
-    ``gradients[b, k] = d logits[b, classes[b, k]] / d activations[b]`` as ``[B, K, C, h, w]``."""
+    ``gradients[b, k] = d logits[b, classes[b, k]] / d activations[b]`` as ``[B, K, C, h, w]``.
+
+    Token and channels-last layers are already converted to this grid
+    (:mod:`saliency.feature_layout`); ViT prefix tokens are dropped from both tensors."""
 
     activations: torch.Tensor
     logits: torch.Tensor
@@ -45,7 +49,11 @@ ClassRequest = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
 def class_gradients(
-    model: nn.Module, images: torch.Tensor, layer: str, classes: ClassRequest
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str,
+    classes: ClassRequest,
+    layout: str | None = None,
 ) -> LayerGradients:
     """One forward pass, then the gradient of each requested logit w.r.t. ``layer``'s output.
 
@@ -57,7 +65,12 @@ def class_gradients(
     ``classes`` may be a function of the (detached) logits, called after the forward pass and
     before any backward: classes chosen from the prediction (top-k, logit neighbours) then
     cost no second forward.
+
+    ``layout`` (``"nchw"``, ``"nhwc"``, ``"tokens"`` or ``None`` to detect) says how the layer's
+    output becomes ``[B, C, h, w]``: see :func:`saliency.feature_layout.detect_layout`. It is
+    decided right after the forward, before any backward, so a wrong layer fails fast.
     """
+    layout = check_layout(layout)
     if not callable(classes):
         classes = as_class_matrix(classes, images.shape[0]).to(images.device)
     # Gradients are enabled locally, so callers under no_grad or inference_mode get maps too;
@@ -65,15 +78,22 @@ def class_gradients(
     with torch.inference_mode(False), torch.enable_grad():
         if images.is_inference():
             images = images.clone()
-        return _class_gradients(model, images, layer, classes)
+        return _class_gradients(model, images, layer, classes, layout)
 
 
 def _class_gradients(
-    model: nn.Module, images: torch.Tensor, layer: str, classes: ClassRequest
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str,
+    classes: ClassRequest,
+    layout: str | None,
 ) -> LayerGradients:
     with capture_layer(model, layer) as capture:
         logits = model(images)
         activations = capture.output()
+        grid = detect_layout(
+            model, layer, activations, images.shape[-2:], layout, batch_size=images.shape[0]
+        )
         if callable(classes):
             chosen = classes(logits.detach())
             classes = as_class_matrix(chosen, images.shape[0]).to(images.device)
@@ -86,16 +106,11 @@ def _class_gradients(
             ]
             for k in range(num_classes)
         ]
-    if activations.dim() != 4:
-        raise ConfigurationError(
-            f"layer {layer!r} outputs shape {tuple(activations.shape)}; gradient CAMs need a "
-            f"[B, C, h, w] feature map (choose a convolutional layer)"
-        )
     return LayerGradients(
-        activations=activations.detach(),
+        activations=grid.to_grid(activations.detach()).contiguous(),
         logits=logits.detach(),
         classes=classes,
-        gradients=torch.stack(gradients, dim=1),
+        gradients=grid.gradients_to_grid(torch.stack(gradients, dim=1)).contiguous(),
     )
 
 

@@ -33,22 +33,82 @@ def resolve_layer(model: nn.Module, path: str) -> nn.Module:
 
 
 def default_layer(model: nn.Module) -> str:
-    """The layer explained when ``layer=None``: the model's own declaration, else timm's last
-    feature stage, else the last module of a known torchvision family."""
+    """The layer explained when ``layer=None``, per architecture (first matching row wins).
+
+    The choice follows each family's usual Grad-CAM layer: the last spatial feature map a
+    convolutional classifier pools, or for ViTs the input of the last block, whose patch
+    tokens reach the class token through the last attention. Paper protocols that use another
+    layer pass it explicitly (last column). The layout column is what
+    :func:`saliency.feature_layout.detect_layout` finds for that layer.
+
+    | architecture | ``layer=None`` gives | layout | protocol layers (pass as ``layer=``) |
+    |---|---|---|---|
+    | model with ``default_saliency_layer: str`` | that attribute (``SmallCNN``: ``features.3``) | nchw | |
+    | timm ViT / DeiT / CLIP / DINOv2 / EVA / BEiT | ``blocks.<last>.norm1`` (ViT-B: ``blocks.11.norm1``) | tokens | Finer-CAM: ``blocks[-1].norm1`` (the same) |
+    | torchvision ViT (``vit_b_16``, ...) | ``encoder.layers.encoder_layer_<last>.ln_1`` | tokens | |
+    | torchvision / timm VGG (± BN) | ``features.<last>``, the final max-pool (vgg16 ``features.30``, vgg19_bn ``features.52``) | nchw | CASE VGG-19-bn: ``features.49`` (last conv); Grad-CAM paper: relu5_3 (vgg16 ``features.29``) |
+    | other timm models (``feature_info``) | ``feature_info[-1]["module"]``: ResNet ``layer4``, ConvNeXt ``stages.3``, DenseNet ``features.norm5``, VGG ``features.<last>``, Swin ``layers.3`` | nchw; Swin nhwc | |
+    | torchvision ResNet / ResNeXt / Wide ResNet | ``layer4`` | nchw | CASE ResNet-50: ``layer4.2.conv3`` |
+    | torchvision RegNet | ``trunk_output`` | nchw | |
+    | torchvision DenseNet | ``features.norm5`` (last child of ``features``) | nchw | CASE DenseNet-201: ``features.denseblock4.denselayer32.conv2``; ablation ``features.norm5`` |
+    | torchvision ConvNeXt | ``features.7`` (last stage) | nchw | CASE ConvNeXt-L: ``features.7.2.block.0`` |
+    | torchvision EfficientNet / MobileNet / Swin | ``features.<last>`` | nchw; Swin nhwc | |
+
+    Why not timm's ``feature_info`` for ViTs: its last entry is the output of the last block.
+    With class-token pooling the logits depend on that output only through the class token, so
+    the patch tokens' gradients there are exactly zero and every gradient CAM is blank;
+    ``norm1`` of the last block (Finer-CAM's protocol layer) is the normalised input of that
+    block, whose patch tokens feed the class token through attention.
+    Why the final max-pool for VGG (as timm's ``feature_info``), not the last ReLU before it
+    (the Grad-CAM paper's relu5_3, twice the resolution): the gradient reaching the pre-pool
+    map is non-zero only at each 2x2 window's maximum, which gives element-wise CAMs
+    (LayerCAM, HiResCAM) a checkerboard; pass the pre-pool layer explicitly to reproduce papers.
+    Raises :class:`ConfigurationError` for other models: pass ``layer='<dotted path>'``.
+    """
     declared = getattr(model, "default_saliency_layer", None)
     if isinstance(declared, str):
         return declared
+    vit_layer = _vision_transformer_layer(model)
+    if vit_layer is not None:
+        return vit_layer
     feature_info = getattr(model, "feature_info", None)  # timm models
     if feature_info is not None:
         info = feature_info[-1] if isinstance(feature_info, list) else feature_info.info[-1]
         return info["module"]
     names = {name for name, _ in model.named_modules()}
-    for candidate in ("layer4", "features"):  # torchvision ResNet family; VGG/DenseNet/ConvNeXt
+    for candidate in ("layer4", "trunk_output"):  # torchvision ResNet family; RegNet
         if candidate in names:
             return candidate
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential) and len(features) > 0:
+        return f"features.{list(features._modules)[-1]}"  # VGG pool, DenseNet norm5, ConvNeXt
+    if "features" in names:
+        return "features"
     raise ConfigurationError(
-        f"no default saliency layer is known for {type(model).__name__}: pass layer='<dotted path>'"
+        f"no default saliency layer is known for {type(model).__name__}: pass layer='<dotted "
+        f"path>' (list the candidates with [n for n, _ in model.named_modules()])"
     )
+
+
+def _vision_transformer_layer(model: nn.Module) -> str | None:
+    """``norm1``/``ln_1`` of the last block of a timm or torchvision ViT, else ``None``."""
+    blocks = getattr(model, "blocks", None)
+    if (
+        isinstance(getattr(model, "num_prefix_tokens", None), int)
+        and isinstance(blocks, nn.Sequential | nn.ModuleList)
+        and len(blocks) > 0
+        and hasattr(blocks[-1], "norm1")
+    ):
+        return f"blocks.{list(blocks._modules)[-1]}.norm1"
+    layers = getattr(getattr(model, "encoder", None), "layers", None)
+    if (
+        isinstance(getattr(model, "class_token", None), torch.Tensor)
+        and isinstance(layers, nn.Sequential)
+        and len(layers) > 0
+        and hasattr(layers[-1], "ln_1")
+    ):
+        return f"encoder.layers.{list(layers._modules)[-1]}.ln_1"
+    return None
 
 
 @dataclass

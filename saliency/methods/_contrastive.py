@@ -14,14 +14,19 @@ Selector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def reference_gradients(
-    model: nn.Module, images: torch.Tensor, layer: str, targets: torch.Tensor, selector: Selector
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str,
+    targets: torch.Tensor,
+    selector: Selector,
+    layout: str | None = None,
 ) -> tuple[LayerGradients, torch.Tensor]:
     """Pick ``k`` references for each of the ``[B, K]`` targets and get the layer gradients of
     targets and references from ONE forward pass and ONE :func:`class_gradients` request.
 
     The selector runs on the logits of that forward (ConfusionContrast ignores them). Returns
     the captured tensors for the request ``[targets | references.flatten]`` (``[B, K + K·k]``)
-    and the references ``[B, K, k]``.
+    and the references ``[B, K, k]``. ``layout`` is passed on to :func:`class_gradients`.
     """
     batch, num_targets = targets.shape
     flat_targets = targets.reshape(-1)
@@ -44,7 +49,9 @@ def reference_gradients(
         chosen["references"] = references
         return torch.cat([targets, references.reshape(batch, -1)], dim=1)
 
-    captured = class_gradients(model, images, layer, request)
+    # Pass layout only when given: the default call keeps class_gradients' 4-argument form.
+    extra = {"layout": layout} if layout is not None else {}
+    captured = class_gradients(model, images, layer, request, **extra)
     return captured, chosen["references"]
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from saliency.errors import ConfigurationError
+from saliency.feature_layout import check_layout
 from saliency.layers import default_layer, resolve_layer
 from saliency.methods._contrastive import Selector, reference_gradients
 from saliency.methods.base import SaliencyMethod
@@ -32,7 +33,9 @@ class CASE(SaliencyMethod):
     ``w̄ = mean_v mean_{ij} γ_v``, and project the channel-weight vectors ``[C]``. Pooling is
     linear, so both give ``w_u − c·w̄`` and differ only in the coefficient ``c``.
     Targets and contrasts come from one forward and one :func:`class_gradients` call.
-    ``eps`` (unspecified in the paper) defaults to 1e-8.
+    ``eps`` (unspecified in the paper) defaults to 1e-8. ``layout`` (``"nchw"``, ``"nhwc"``,
+    ``"tokens"``, ``None`` = detect): how the layer's output becomes ``[B, C, h, w]``
+    (:mod:`saliency.feature_layout`), so CASE also runs on ViT token layers.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class CASE(SaliencyMethod):
         contrast: Selector | None = None,
         projection: Projection = "full",
         eps: float = 1e-8,
+        layout: str | None = None,
     ) -> None:
         super().__init__(model)
         if contrast is None:
@@ -61,10 +65,11 @@ class CASE(SaliencyMethod):
         self.contrast = contrast
         self.projection = projection
         self.eps = eps
+        self.layout = check_layout(layout)
 
     def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         captured, contrasts = reference_gradients(
-            self.model, images, self.layer, classes, self.contrast
+            self.model, images, self.layer, classes, self.contrast, self.layout
         )
         num_targets = classes.shape[1]
         gradients = captured.gradients  # [B, K + K·k, C, h, w]

@@ -38,7 +38,10 @@ class FinerCAM(SaliencyMethod):
     the gradient of ``Σ_t p_t (y_c − γ y_t) / (Σ_t p_t + 1e-9)`` with ``p = softmax(logits)``,
     ``gamma`` defaults to 1. Here the weights ``p_t`` are constants; the reference code also
     back-propagates through the softmax, which would need the gradients of all N classes.
-    ``base``: ``"grad_cam"`` | ``"layer_cam"`` | ``"grad_cam_pp"``.
+    ``base``: ``"grad_cam"`` | ``"layer_cam"`` | ``"grad_cam_pp"``. ``layout`` (``"nchw"``,
+    ``"nhwc"``, ``"tokens"``, ``None`` = detect): how the layer's output becomes
+    ``[B, C, h, w]`` (:mod:`saliency.feature_layout`); the paper's ViT layer is
+    ``blocks[-1].norm1`` (the default for timm ViTs).
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class FinerCAM(SaliencyMethod):
         gamma: float | None = None,
         base: str = "grad_cam",
         weighting: Weighting = "mean",
+        layout: str | None = None,
     ) -> None:
         super().__init__(model)
         if base not in _BASES:
@@ -61,14 +65,15 @@ class FinerCAM(SaliencyMethod):
                 f"{weighting!r}"
             )
         self.layer = layer if layer is not None else default_layer(model)
-        self.base = _BASES[base](model, self.layer)  # validates the layer
+        self.base = _BASES[base](model, self.layer, layout=layout)  # validates layer, layout
+        self.layout = self.base.layout
         self.references = references if references is not None else LogitNeighbours(3)
         self.gamma = float(gamma) if gamma is not None else (0.6 if weighting == "mean" else 1.0)
         self.weighting = weighting
 
     def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         captured, references = reference_gradients(
-            self.model, images, self.layer, classes, self.references
+            self.model, images, self.layer, classes, self.references, self.layout
         )
         num_targets = classes.shape[1]
         num_references = references.shape[2]

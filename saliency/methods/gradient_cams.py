@@ -7,7 +7,7 @@ from abc import abstractmethod
 import torch
 from torch import nn
 
-from saliency.errors import ConfigurationError
+from saliency.feature_layout import check_layout, detect_layout
 from saliency.gradients import class_gradients
 from saliency.layers import capture_layer, default_layer, resolve_layer
 from saliency.methods.base import SaliencyMethod
@@ -15,15 +15,23 @@ from saliency.methods.registry import register_method
 
 
 class GradientCAM(SaliencyMethod):
-    """A CAM that is a function of (activations, gradients) at one layer."""
+    """A CAM that is a function of (activations, gradients) at one layer.
 
-    def __init__(self, model: nn.Module, layer: str | None = None) -> None:
+    ``layer=None`` takes :func:`~saliency.layers.default_layer`; ``layout`` (``"nchw"``,
+    ``"nhwc"``, ``"tokens"``, ``None`` = detect) says how the layer's output becomes
+    ``[B, C, h, w]`` (ViT tokens, channels-last maps): :mod:`saliency.feature_layout`.
+    """
+
+    def __init__(
+        self, model: nn.Module, layer: str | None = None, layout: str | None = None
+    ) -> None:
         super().__init__(model)
         self.layer = layer if layer is not None else default_layer(model)
         resolve_layer(model, self.layer)  # fail at construction, not at the first batch
+        self.layout = check_layout(layout)
 
     def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        captured = class_gradients(self.model, images, self.layer, classes)
+        captured = class_gradients(self.model, images, self.layer, classes, layout=self.layout)
         return self.cam(captured.activations, captured.gradients)
 
     def cam(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
@@ -56,8 +64,14 @@ class GradCAMPlusPlus(GradientCAM):
     ``g = ∂y^c/∂A^k_{ij}``; ``eps = 1e-6`` as pytorch-grad-cam.
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, eps: float = 1e-6) -> None:
-        super().__init__(model, layer)
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None = None,
+        eps: float = 1e-6,
+        layout: str | None = None,
+    ) -> None:
+        super().__init__(model, layer, layout)
         self.eps = eps
 
     def pre_relu(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
@@ -76,8 +90,14 @@ class XGradCAM(GradientCAM):
     (Σ_{ij} A^k_{ij} + eps)``, ``L^c = ReLU(Σ_k w_k^c A^k)``; ``eps = 1e-7`` as pytorch-grad-cam.
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, eps: float = 1e-7) -> None:
-        super().__init__(model, layer)
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None = None,
+        eps: float = 1e-7,
+        layout: str | None = None,
+    ) -> None:
+        super().__init__(model, layer, layout)
         self.eps = eps
 
     def pre_relu(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
@@ -115,23 +135,26 @@ class EigenCAM(SaliencyMethod):
     whatever LAPACK returns). Here the sign is chosen so that the projection correlates
     non-negatively with the channel-summed, centred activation map (equivalently, the
     component's channel loadings sum to ≥ 0), so high total activation maps to positive values.
-    Constant or all-zero activations give an all-zero map.
+    Constant or all-zero activations give an all-zero map. Token and channels-last layers are
+    turned into ``[B, C, h, w]`` first (``layout``, as :class:`GradientCAM`).
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, layer: str | None = None, layout: str | None = None
+    ) -> None:
         super().__init__(model)
         self.layer = layer if layer is not None else default_layer(model)
         resolve_layer(model, self.layer)
+        self.layout = check_layout(layout)
 
     def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), capture_layer(self.model, self.layer, track_gradient=False) as cap:
             self.model(images)
-            activations = cap.output()
-        if activations.dim() != 4:
-            raise ConfigurationError(
-                f"layer {self.layer!r} outputs shape {tuple(activations.shape)}; eigen_cam needs "
-                f"a [B, C, h, w] feature map (choose a convolutional layer)"
-            )
+            output = cap.output()
+        grid = detect_layout(
+            self.model, self.layer, output, images.shape[-2:], self.layout, images.shape[0]
+        )
+        activations = grid.to_grid(output)
         if activations.dtype in (torch.float16, torch.bfloat16):
             activations = activations.float()  # no half-precision SVD
         maps = first_component_projection(activations).relu()  # [B, h, w]
