@@ -72,7 +72,8 @@ def config_from_model(model_name: str) -> TransformConfig:
 
 
 class SampleTransform:
-    """``(PIL image, boxes [n,4] | None, mask [H,W] | None) -> (image, boxes, mask)`` tensors.
+    """``(PIL image, boxes [n,4] | None, mask [H,W] or [n,H,W] | None) -> (image, boxes, mask)``
+    tensors; every mask plane gets the same geometry as the image.
 
     ``train=True`` uses random resized crop + flip (boxes and masks follow as well).
     """
@@ -117,13 +118,15 @@ class SampleTransform:
             )
         if mask is not None:
             mask = torch.as_tensor(mask)
-            if tuple(mask.shape) != (height, width):
+            if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != (height, width):
                 raise ValueError(
                     f"mask shape {tuple(mask.shape)} does not match the image size "
-                    f"{(height, width)} (H, W)"
+                    f"{(height, width)}: expected [H, W] or [n, H, W] (one per object)"
                 )
             inputs.append(tv_tensors.Mask(mask))
-        outputs = list(self.geometry(*inputs))
+        transformed = self.geometry(*inputs)
+        # Compose returns the bare output (not a 1-tuple) when given a single input.
+        outputs = list(transformed) if len(inputs) > 1 else [transformed]
         image_out = self.finish(outputs.pop(0)).as_subclass(torch.Tensor)
         boxes_out = outputs.pop(0) if boxes is not None else None
         if boxes_out is not None:
