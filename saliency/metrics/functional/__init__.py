@@ -27,6 +27,12 @@ from saliency.metrics.functional.localisation import (
     region_scores,
     top_k_intersection,
 )
+from saliency.metrics.functional.map_similarity import (
+    hog_features,
+    hog_similarity,
+    spearman_similarity,
+    ssim_similarity,
+)
 from saliency.metrics.functional.perturbation_curves import (
     curve_auc,
     deletion_auc,
@@ -35,15 +41,37 @@ from saliency.metrics.functional.perturbation_curves import (
     insertion_curve,
     perturbation_curve,
 )
+from saliency.metrics.functional.randomisation import (
+    cascading_randomisation,
+    default_randomisation_order,
+    independent_randomisation,
+    randomise_module,
+)
+from saliency.metrics.functional.representation import (
+    ClassChannelActivity,
+    active_channel_mask,
+    channel_activity,
+    class_channel_activity,
+    classifier_weight_similarity,
+    cosine_similarity_matrix,
+)
 
 __all__ = [
+    "ClassChannelActivity",
+    "active_channel_mask",
     "aupr",
     "average_drop",
     "average_gain",
     "average_precision",
     "boxes_to_masks",
+    "cascading_randomisation",
+    "channel_activity",
+    "class_channel_activity",
+    "classifier_weight_similarity",
     "confidence_drop",
+    "cosine_similarity_matrix",
     "curve_auc",
+    "default_randomisation_order",
     "deletion_auc",
     "deletion_curve",
     "drop_increase_gain",
@@ -52,7 +80,10 @@ __all__ = [
     "grid_cell_masks",
     "grid_pointing_game",
     "grid_region_scores",
+    "hog_features",
+    "hog_similarity",
     "increase_in_confidence",
+    "independent_randomisation",
     "insertion_auc",
     "insertion_curve",
     "localisation_error",
@@ -61,9 +92,12 @@ __all__ = [
     "min_max_normalise",
     "perturbation_curve",
     "pointing_game",
+    "randomise_module",
     "region_scores",
     "relative_drop",
     "soft_mask_confidences",
     "softmax_scores",
+    "spearman_similarity",
+    "ssim_similarity",
     "top_k_intersection",
 ]
