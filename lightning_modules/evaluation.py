@@ -52,7 +52,7 @@ class SaliencyEvaluationModule(L.LightningModule):
                 f"existing file to --model.checkpoint"
             )
         self.checkpoint_path = path
-        self.classifier = _load_classifier(path)
+        self.classifier = load_classifier(path)
         if num_classes is not None and num_classes != self.classifier.num_classes:
             raise ConfigurationError(
                 f"--model.num_classes={num_classes} does not match checkpoint {path}, which has "
@@ -84,7 +84,7 @@ class SaliencyEvaluationModule(L.LightningModule):
             )
 
 
-def _load_classifier(path: Path) -> ClassifierModule:
+def load_classifier(path: Path) -> ClassifierModule:
     try:
         # A fresh context: LightningCLI instantiates the enclosing module with its own
         # hyper-parameters in a context variable that save_hyperparameters() would pick up.
