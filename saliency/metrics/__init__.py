@@ -16,6 +16,7 @@ from saliency.metrics.localisation import (
     LocalisationError,
     PointingGame,
     RegionScores,
+    TopKIntersection,
 )
 from saliency.metrics.per_sample import (
     PerSampleValues,
@@ -24,9 +25,12 @@ from saliency.metrics.per_sample import (
     unique_by_index,
 )
 from saliency.metrics.perturbation_curves import DeletionAUC, DeletionInsertion, InsertionAUC
+from saliency.metrics.representation import ChannelActivity
+from saliency.metrics.sanity_checks import MapSimilarity
 
 __all__ = [
     "AUPR",
+    "ChannelActivity",
     "ConfidenceDrop",
     "DeletionAUC",
     "DeletionInsertion",
@@ -37,11 +41,13 @@ __all__ = [
     "GridRegionScores",
     "InsertionAUC",
     "LocalisationError",
+    "MapSimilarity",
     "PerSampleValues",
     "PointingGame",
     "RegionScores",
     "RelativeDrop",
     "SampleMetric",
+    "TopKIntersection",
     "summary_statistics",
     "unique_by_index",
 ]

@@ -22,6 +22,7 @@ from saliency.metrics.functional.localisation import (
     localisation_error,
     pointing_game,
     region_scores,
+    top_k_intersection,
 )
 from saliency.metrics.per_sample import SampleMetric
 
@@ -71,6 +72,27 @@ class EnergyPointingGame(SampleMetric):
     def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
         """Energy of ``maps`` inside ``masks`` (bool) for the samples ``index``."""
         self._add(index, energy_pointing_game=energy_pointing_game(maps, masks))
+
+
+class TopKIntersection(SampleMetric):
+    """Per-sample share of the ``k`` highest-valued pixels inside the mask (Theiner et al.
+    2021; Quantus ``TopKIntersection``), ties by pixel position.
+
+    ``update(maps, masks, index)``. Column: ``top_k_intersection``.
+    """
+
+    value_names: ClassVar[tuple[str, ...]] = ("top_k_intersection",)
+    higher_is_better = True
+
+    def __init__(self, k: int = 1000, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive number of pixels, got {k!r}")
+        self.k = k
+
+    def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
+        """Top-``k`` intersection of ``maps`` with ``masks`` (bool) for the samples ``index``."""
+        self._add(index, top_k_intersection=top_k_intersection(maps, masks, self.k))
 
 
 class LocalisationError(SampleMetric):
