@@ -38,3 +38,18 @@ def test_boxes_and_mask_planes_follow_resize_and_crop():
     assert masks[0].nonzero().min(0).values.tolist() == [0, 10]
     assert masks[0].nonzero().max(0).values.tolist() == [19, 29]
     assert not masks[1].any()
+
+
+def test_transform_from_a_timm_model_uses_its_pretrained_data_config():
+    import math
+
+    import timm
+
+    from datamodules.transforms import config_from_model
+
+    config = config_from_model("vit_tiny_patch16_224")
+    expected = timm.create_model("vit_tiny_patch16_224", pretrained=False).pretrained_cfg
+    assert config.image_size == expected["input_size"][-1] == 224
+    assert config.resize_size == math.floor(224 / expected["crop_pct"])
+    assert config.mean == tuple(expected["mean"]) and config.std == tuple(expected["std"])
+    assert config.interpolation == expected["interpolation"]
