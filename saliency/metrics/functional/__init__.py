@@ -41,6 +41,12 @@ from saliency.metrics.functional.perturbation_curves import (
     insertion_curve,
     perturbation_curve,
 )
+from saliency.metrics.functional.pic import (
+    PICResult,
+    aggregate_pic,
+    pic_curves,
+    random_pixel_masks,
+)
 from saliency.metrics.functional.randomisation import (
     cascading_randomisation,
     default_randomisation_order,
@@ -58,7 +64,9 @@ from saliency.metrics.functional.representation import (
 
 __all__ = [
     "ClassChannelActivity",
+    "PICResult",
     "active_channel_mask",
+    "aggregate_pic",
     "aupr",
     "average_drop",
     "average_gain",
@@ -91,7 +99,9 @@ __all__ = [
     "masked_confidences",
     "min_max_normalise",
     "perturbation_curve",
+    "pic_curves",
     "pointing_game",
+    "random_pixel_masks",
     "randomise_module",
     "region_scores",
     "relative_drop",
