@@ -68,3 +68,35 @@ def test_top_k_intersection_class_matches_functional():
     expected = F.top_k_intersection(maps, masks, 20)[torch.tensor([3, 1, 2, 0]).argsort()]
     assert indices.tolist() == [0, 1, 2, 3]
     torch.testing.assert_close(values, expected)
+
+
+def test_pic_class_matches_functional_and_skips_invalid_images():
+    from torch import nn
+
+    from saliency.metrics import PerformanceInformationCurves
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(3, 3, 24, 24, generator=generator) * 2 - 1
+    maps = torch.rand(3, 24, 24, generator=generator)
+    classes = torch.tensor([0, 1, 2])
+    index = torch.tensor([5, 6, 7])
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    metric = PerformanceInformationCurves(mean, std, min_confidence=0.0, batch_size=7, seed=10)
+    metric.update(model, images, maps, classes, index)
+    masks = torch.cat([F.random_pixel_masks(1, 24, 24, seed=10 + i) for i in (5, 6, 7)])
+    expected = F.pic_curves(
+        model, images, maps, classes, mean=mean, std=std, random_masks=masks, min_confidence=0.0
+    )
+    _, table = metric.per_sample_table()
+    torch.testing.assert_close(table["sic_auc"], expected.sic_auc.float(), atol=1e-5, rtol=0)
+    assert torch.equal(table["sic_valid"].bool(), expected.sic_valid)
+    summary = metric.compute()
+    assert summary["sic_auc/count"] + summary["sic_auc/skipped"] == 3

@@ -25,6 +25,7 @@ from saliency.metrics.per_sample import (
     unique_by_index,
 )
 from saliency.metrics.perturbation_curves import DeletionAUC, DeletionInsertion, InsertionAUC
+from saliency.metrics.pic import PerformanceInformationCurves
 from saliency.metrics.representation import ChannelActivity
 from saliency.metrics.sanity_checks import MapSimilarity
 
@@ -43,6 +44,7 @@ __all__ = [
     "LocalisationError",
     "MapSimilarity",
     "PerSampleValues",
+    "PerformanceInformationCurves",
     "PointingGame",
     "RegionScores",
     "RelativeDrop",
