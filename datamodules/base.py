@@ -9,6 +9,7 @@ A concrete datamodule implements :meth:`FileDataModule.build_dataset` (returning
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-class FileDataModule(L.LightningDataModule):
+class FileDataModule(L.LightningDataModule, ABC):
     """Base of the datamodules that read a dataset from ``root``.
 
     Args:
@@ -125,19 +126,21 @@ class FileDataModule(L.LightningDataModule):
         return self.transform_config.std
 
     @property
+    @abstractmethod
     def num_classes(self) -> int:
-        raise NotImplementedError
+        """Number of classes of the dataset."""
 
     @property
+    @abstractmethod
     def class_names(self) -> list[str]:
-        raise NotImplementedError
+        """Class names in label order."""
 
     def transform(self, split: str) -> SampleTransform:
         return SampleTransform(self.transform_config, train=split == "train" and self.train_augment)
 
+    @abstractmethod
     def build_dataset(self, split: str) -> Dataset:
         """The dataset of ``split`` (``train``, ``val`` or ``test``)."""
-        raise NotImplementedError
 
     def dataset(self, split: str) -> Dataset:
         """Cached :meth:`build_dataset`: file lists and annotations are read once per split."""
