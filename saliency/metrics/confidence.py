@@ -26,7 +26,20 @@ from saliency.metrics.functional.feature_agreement import top_fraction_count
 from saliency.metrics.per_sample import SampleMetric, check_batch_size
 
 
-class ConfidenceDrop(SampleMetric):
+class _TopPixelMasking(SampleMetric):
+    """Shared settings of the metrics that mask the top ``fraction`` of pixels."""
+
+    def __init__(
+        self, fraction: float = 0.05, fill: float = 0.0, batch_size: int = 256, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        top_fraction_count(1, fraction)
+        self.fraction = fraction
+        self.fill = fill
+        self.batch_size = check_batch_size(batch_size)
+
+
+class ConfidenceDrop(_TopPixelMasking):
     """Per-sample ``p_c(x) − p_c(x̃)``, ``x̃`` = ``x`` with the top ``fraction`` of pixels by
     saliency set to ``fill`` (CASE RQ2, Sec. IV-C; PROTOCOLS.md "Confidence drop"). Larger =
     more faithful; CASE compares methods with a paired t-test on the per-sample values.
@@ -43,15 +56,6 @@ class ConfidenceDrop(SampleMetric):
     value_names: ClassVar[tuple[str, ...]] = ("confidence_drop",)
     higher_is_better = True
 
-    def __init__(
-        self, fraction: float = 0.05, fill: float = 0.0, batch_size: int = 256, **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        top_fraction_count(1, fraction)
-        self.fraction = fraction
-        self.fill = fill
-        self.batch_size = check_batch_size(batch_size)
-
     def update(
         self,
         model: nn.Module,
@@ -67,7 +71,7 @@ class ConfidenceDrop(SampleMetric):
         self._add(index, confidence_drop=drop)
 
 
-class RelativeDrop(SampleMetric):
+class RelativeDrop(_TopPixelMasking):
     """Per-sample ``RD = (p_c − p*_c) − (p_d − p*_d)`` after masking the top ``fraction`` of
     pixels (Finer-CAM Eq. 10; PROTOCOLS.md: 5 % and 10 %, one instance each). ``d`` is the
     reference class passed to ``update`` or, when ``None``, the runner-up prediction on the
@@ -78,15 +82,6 @@ class RelativeDrop(SampleMetric):
 
     value_names: ClassVar[tuple[str, ...]] = ("relative_drop",)
     higher_is_better = True
-
-    def __init__(
-        self, fraction: float = 0.05, fill: float = 0.0, batch_size: int = 256, **kwargs: Any
-    ) -> None:
-        super().__init__(**kwargs)
-        top_fraction_count(1, fraction)
-        self.fraction = fraction
-        self.fill = fill
-        self.batch_size = check_batch_size(batch_size)
 
     def update(
         self,
