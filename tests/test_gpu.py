@@ -47,7 +47,15 @@ def method_kwargs(name: str) -> dict:
         "finer_cam": {"references": LogitNeighbours(2)},
         "integrated_gradients": {"steps": 8},
         "smoothgrad": {"n_samples": 4},
+        "rise": {"n_masks": 64, "grid_size": 4, "batch_size": 50},
+        "score_cam": {"batch_size": 7},
+        "ablation_cam": {"batch_size": 7},
+        "finer_score_cam": {"batch_size": 7},
+        "cluscam": {"num_clusters": 4, "batch_size": 7},
     }.get(name, {})
+
+
+VIT_ONLY = ("caap", "attention_rollout")  # timm VisionTransformer models only
 
 
 def device_maps(device: str) -> dict[str, torch.Tensor]:
@@ -57,6 +65,8 @@ def device_maps(device: str) -> dict[str, torch.Tensor]:
     classes = torch.tensor([[0, 3], [1, 2], [5, 4]], device=device)
     maps = {}
     for name in list_methods():
+        if name in VIT_ONLY:
+            continue
         method = create_method(name, model, **method_kwargs(name))
         maps[name] = method(images, classes).cpu()
     return maps
@@ -77,6 +87,25 @@ def test_every_method_on_cuda_equals_cpu():
         if not _close(cuda[name], expected):
             mismatched.append(name)
     assert not mismatched, f"CUDA maps differ from CPU maps for {mismatched}"
+
+
+@pytest.mark.gpu
+def test_vit_methods_on_cuda_equal_cpu():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=NUM_CLASSES, img_size=32,
+        patch_size=8, depth=3,
+    ).eval()  # fmt: skip
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    classes = torch.tensor([[0, 3], [1, 2]])
+    for name in VIT_ONLY:
+        maps = {}
+        for device in ("cpu", "cuda"):
+            net = copy.deepcopy(model).to(device)
+            maps[device] = create_method(name, net)(images.to(device), classes.to(device)).cpu()
+        assert _close(maps["cuda"], maps["cpu"]), name
 
 
 @pytest.mark.gpu

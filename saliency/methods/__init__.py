@@ -4,10 +4,14 @@ Importing this package registers every method defined in its modules.
 """
 
 from saliency.methods import (  # noqa: F401  (registers the methods)
+    attention_rollout,
+    caap,
     case,
     finer_cam,
     gradient_cams,
     input_gradients,
+    lrp,
+    rise,
     var,
 )
 from saliency.methods.base import SaliencyMethod
