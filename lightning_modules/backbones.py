@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,22 +14,37 @@ SOURCES = ("small_cnn", "timm:<model name>", "torchvision:<model name>")
 
 
 def build_backbone(
-    name: str, num_classes: int, pretrained: bool = False, weights_path: str | None = None
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    *,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """A network mapping images to ``[B, num_classes]`` logits.
 
     ``pretrained`` loads the library's default weights from its local cache (timm: the Hugging
     Face cache, torchvision: ``$TORCH_HOME``) and replaces the head when ``num_classes`` differs
     from the pretrained one. ``weights_path`` loads a state dict from a local file afterwards.
+    ``model_kwargs`` go to the library's constructor (timm ``create_model``, e.g.
+    ``img_size``/``patch_size``/``depth`` of a ViT; torchvision ``get_model``).
     """
+    model_kwargs = dict(model_kwargs or {})
     if name == "small_cnn":
         if pretrained:
             raise ConfigurationError("small_cnn has no pretrained weights: use weights_path")
+        if model_kwargs:
+            raise ConfigurationError(
+                f"small_cnn takes no model_kwargs, got {sorted(model_kwargs)}; use a timm: or "
+                f"torchvision: backbone"
+            )
         model: nn.Module = _small_cnn(num_classes)
     elif name.startswith("timm:"):
-        model = _timm(name.removeprefix("timm:"), num_classes, pretrained)
+        model = _timm(name.removeprefix("timm:"), num_classes, pretrained, model_kwargs)
     elif name.startswith("torchvision:"):
-        model = _torchvision(name.removeprefix("torchvision:"), num_classes, pretrained)
+        model = _torchvision(
+            name.removeprefix("torchvision:"), num_classes, pretrained, model_kwargs
+        )
     else:
         raise ConfigurationError(
             f"unknown backbone {name!r}: expected one of {', '.join(SOURCES)} "
@@ -45,7 +61,9 @@ def _small_cnn(num_classes: int) -> nn.Module:
     return SmallCNN(num_classes)
 
 
-def _timm(model_name: str, num_classes: int, pretrained: bool) -> nn.Module:
+def _timm(
+    model_name: str, num_classes: int, pretrained: bool, model_kwargs: dict[str, Any]
+) -> nn.Module:
     import timm
 
     if not timm.is_model(model_name):
@@ -54,7 +72,9 @@ def _timm(model_name: str, num_classes: int, pretrained: bool) -> nn.Module:
             f"unknown timm model {model_name!r}; closest: {', '.join(suggestions) or 'none'}"
         )
     try:
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes)
+        return timm.create_model(
+            model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs
+        )
     except (OSError, RuntimeError) as error:  # hub unreachable and weights not cached
         if not pretrained:
             raise
@@ -65,7 +85,9 @@ def _timm(model_name: str, num_classes: int, pretrained: bool) -> nn.Module:
         ) from error
 
 
-def _torchvision(model_name: str, num_classes: int, pretrained: bool) -> nn.Module:
+def _torchvision(
+    model_name: str, num_classes: int, pretrained: bool, model_kwargs: dict[str, Any]
+) -> nn.Module:
     import torchvision
 
     available = torchvision.models.list_models()
@@ -75,9 +97,11 @@ def _torchvision(model_name: str, num_classes: int, pretrained: bool) -> nn.Modu
             f"unknown torchvision model {model_name!r}; closest: {', '.join(suggestions) or 'none'}"
         )
     if not pretrained:
-        return torchvision.models.get_model(model_name, weights=None, num_classes=num_classes)
+        return torchvision.models.get_model(
+            model_name, weights=None, num_classes=num_classes, **model_kwargs
+        )
     try:
-        model = torchvision.models.get_model(model_name, weights="DEFAULT")
+        model = torchvision.models.get_model(model_name, weights="DEFAULT", **model_kwargs)
     except (OSError, RuntimeError) as error:
         raise ConfigurationError(
             f"pretrained weights for torchvision:{model_name} are not in the local cache "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -30,6 +30,8 @@ class ClassifierModule(L.LightningModule):
             cosine decay from the optimizer's lr), ``cosine`` (decay only) or ``none``.
         warmup_fraction: share of the steps spent warming up (``onecycle`` only).
         label_smoothing: cross-entropy label smoothing.
+        backbone_kwargs: constructor arguments of the timm / torchvision model (e.g. a ViT's
+            ``img_size``, ``patch_size``, ``depth``, ``embed_dim`` for the 64² benchmark).
     """
 
     def __init__(
@@ -42,10 +44,13 @@ class ClassifierModule(L.LightningModule):
         scheduler: Literal["onecycle", "cosine", "none"] = "onecycle",
         warmup_fraction: float = 0.15,
         label_smoothing: float = 0.0,
+        backbone_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
-        self.model: nn.Module = build_backbone(backbone, num_classes, pretrained, weights_path)
+        self.model: nn.Module = build_backbone(
+            backbone, num_classes, pretrained, weights_path, model_kwargs=backbone_kwargs
+        )
         self.optimizer = optimizer
         top5 = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
