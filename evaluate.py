@@ -5,8 +5,10 @@
     uv run python evaluate.py --trainer.accelerator cpu --trainer.devices 2 --trainer.strategy ddp
     uv run python evaluate.py --help
 
-Writes ``per_sample.parquet``, ``summary.csv``, ``config.yaml`` and the offline W&B run under
-``outputs/<run_name>/`` (default run name: ``eval-<training run>-<time>``).
+Writes ``per_sample.parquet``, ``summary.csv``, ``stats.csv``, ``curves.csv``, ``plots/``,
+``gallery/``, ``report.md``, ``manifest.json`` (last: the result is complete), ``config.yaml``
+and the offline W&B run under ``outputs/<run_name>/`` (default run name:
+``eval-<training run or model>-<time>``). Studies: ``--config configs/evaluate/<study>.yaml``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ def main(argv: Sequence[str] | None = None):
     import lightning as L
 
     from callbacks.saliency_evaluation import SaliencyEvaluationCallback
+    from datamodules.test_subset import sample_test_split
     from lightning_modules.cli import CONFIG_DIR, ProjectCLI, alias_seed, finish_wandb
     from lightning_modules.evaluation import SaliencyEvaluationModule
 
@@ -29,7 +32,7 @@ def main(argv: Sequence[str] | None = None):
             parser.add_lightning_class_args(SaliencyEvaluationCallback, "evaluation")
 
         def default_run_name(self, stamp: str) -> str:
-            return f"eval-{self.model.checkpoint_path.parent.parent.name}-{stamp}"
+            return f"eval-{self.model.source_name}-{stamp}"
 
         def instantiate_trainer(self, **kwargs):
             # Maps need gradients: Lightning's default inference mode would block them.
@@ -41,13 +44,27 @@ def main(argv: Sequence[str] | None = None):
         L.LightningDataModule,
         subclass_mode_data=True,
         seed_everything_default=0,
+        # a rerun into the same run directory replaces the previous results, config included
+        save_config_kwargs={"overwrite": True},
         parser_kwargs={"default_config_files": [str(CONFIG_DIR / "evaluate.yaml")]},
         args=None if argv is None else alias_seed(argv),
         run=False,
     )
     trainer = cli.trainer
-    trainer.test(cli.model, datamodule=cli.datamodule)
     evaluation = next(c for c in trainer.callbacks if isinstance(c, SaliencyEvaluationCallback))
+    # Everything the config names is checked against the model and the data here, before
+    # any map is computed (and before DDP starts the other processes).
+    if evaluation.sample_size is not None:
+        sample_test_split(cli.datamodule, evaluation.sample_size, evaluation.sample_seed)
+    else:
+        cli.datamodule.setup("test")
+    evaluation.prepare(
+        cli.model.network,
+        cli.datamodule.test_dataloader().dataset[0],
+        cli.model.confusion_matrix_path,
+        trainer.strategy.root_device.type,
+    )
+    trainer.test(cli.model, datamodule=cli.datamodule)
     finish_wandb(trainer)
     if trainer.is_global_zero:
         _report(cli, evaluation)
@@ -57,13 +74,17 @@ def main(argv: Sequence[str] | None = None):
 def _report(cli, evaluation) -> None:
     import pandas as pd
 
-    columns = ["method", "metric", "n", "mean", "median", "ci_low", "ci_high", "wilcoxon_p"]
-    with pd.option_context("display.width", 120, "display.float_format", "{:.4g}".format):
+    columns = [
+        "method", "layer", "target_policy", "metric", "n", "mean", "ci_low", "ci_high",
+        "wilcoxon_p",
+    ]  # fmt: skip
+    with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
         print("\n" + evaluation.summary[columns].to_string(index=False))
-    print(f"\ncheckpoint: {cli.model.checkpoint_path}")
+    print(f"\nexplained: {cli.model.source_description}")
     print(f"run directory: {cli.run_dir}")
-    for name in ("per_sample.parquet", "summary.csv", "config.yaml"):
-        print(f"  {cli.run_dir / name}")
+    for path in evaluation.published:
+        print(f"  {path}{'/' if path.is_dir() else ''}")
+    print(f"  {cli.run_dir / 'config.yaml'}")
     for path in sorted((cli.run_dir / "wandb").glob("*run-*")):
         print(f"  {path}  (upload: wandb sync {path})")
 

@@ -1,18 +1,27 @@
-"""Saliency evaluation during ``trainer.test``: maps, per-sample metrics, summary, W&B.
+"""Saliency evaluation: methods × layers × target policies × metrics on every test batch.
 
-Per test batch: the module's logits (one forward) give the top-1 and top-2 predicted classes;
-each method makes both maps in one call; CASE's class-sensitivity diagnostic (top-k feature
-agreement between the two maps, CASE Eq. 7) and the RISE deletion AUC of the top-1 map are
-recorded per sample with the sample ``index``. At the end of the epoch the values are gathered
-from every process, de-duplicated by index (exactly once under DDP), and written as
-``per_sample.parquet`` and ``summary.csv`` with a one-sided Wilcoxon signed-rank test of
-H1: median agreement < threshold (CASE Eq. 8).
+Per batch: the module's logits (one forward) give the predictions; the classes of every target
+policy are collected into one ``[B, U]`` request, so each (method, layer) makes all the maps the
+policies need in ONE call, and every metric of that (method, layer, policy) reads the same maps
+(and shares perturbation forwards through a per-batch cache). Per-sample scalars and resampled
+curves are kept with the sample ``index``; at the end of the epoch they are gathered from every
+process and de-duplicated by index (exactly once under DDP; only scalars, curves and the few
+gallery samples travel). Rank 0 then builds ``summary.csv``, ``stats.csv`` (every method vs the
+reference method), plots, a gallery and ``report.md`` in a staging directory and publishes them
+at once (:mod:`callbacks.run_outputs`), and logs the same to W&B.
+
+During ``trainer.fit`` the callback can also watch explanations as a model trains:
+``every_n_epochs`` evaluates the first ``validation_batches`` validation batches and logs the
+means as ``eval/<method>/<metric>``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -20,104 +29,358 @@ import pandas as pd
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from saliency.errors import UnknownMethodError, closest
-from saliency.layers import default_layer
-from saliency.methods import create_method, list_methods
-from saliency.metrics.functional import deletion_auc, feature_agreement
+from callbacks.evaluation_metrics import CURVE_POINTS, METRICS, MetricContext
+from callbacks.evaluation_spec import (
+    MethodSpec,
+    parse_methods,
+    parse_metrics,
+    resolve_selectors,
+)
+from callbacks.evaluation_tables import mean_curves, method_tests, summarise
+from callbacks.run_outputs import StagedResults
+from callbacks.target_policies import (
+    POLICIES,
+    column_classes,
+    correct_rows,
+    parse_policies,
+)
+from saliency.errors import ConfigurationError
+from saliency.layers import resolve_layer
 from saliency.metrics.per_sample import PerSampleValues
-from saliency.stats import mean_confidence_interval, wilcoxon_below
 
-# (metric, target policy it is computed for)
-METRICS = (("feature_agreement", "top1_vs_top2"), ("deletion_auc", "top1"))
+log = logging.getLogger(__name__)
+INPUT_LAYER = "input"  # the layer label of methods that explain the input (no layer)
+
+
+class _Combination:
+    """One built method at one layer."""
+
+    def __init__(self, spec: MethodSpec, layer: str, method: Any) -> None:
+        self.spec, self.layer, self.method = spec, layer, method
+
+    def maps(self, images: torch.Tensor, classes: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.method(images, classes, **kwargs)
 
 
 class SaliencyEvaluationCallback(L.Callback):
-    """Evaluate saliency ``methods`` at ``layer`` on the test split.
+    """Evaluate saliency methods on the test split (and optionally during training).
 
     Args:
-        methods: registered method names (``saliency.methods.list_methods()``).
-        layer: dotted path in the explained network; ``None`` = the network's default layer.
-        agreement_fraction: share of pixels in the top-k sets (CASE: 5 %).
-        agreement_threshold: Wilcoxon threshold (CASE paper 0.5, reference code 0.7).
-        deletion_pixels_per_step: pixels removed per deletion step (default: image width, the
-            RISE protocol's 224 per step at 224²); deletion_fill: value in normalised space.
-        perturbation_batch_size: images per forward pass of the deletion curve.
-        output_dir: where the tables go (default: the trainer's ``default_root_dir``).
+        methods: names or ``{name, label, kwargs}`` (:mod:`callbacks.evaluation_spec`).
+        layers: dotted layer paths; ``null`` = each network's default layer. Methods that
+            explain the input (gradients, RISE) run once, under layer ``input``.
+        targets: target policies (:mod:`callbacks.target_policies`).
+        metrics: names or ``{name, label, kwargs}`` (:data:`callbacks.evaluation_metrics.METRICS`);
+            each runs on the policies of its kind (pair metrics on ``top1_vs_top2``, ...).
+        reference_method: label of the method every other is tested against in ``stats.csv``
+            (default: the first method).
+        agreement_threshold: Wilcoxon threshold for feature agreement (CASE paper 0.5, code 0.7).
+        test_alternative: alternative of the paired t-test (``two-sided`` as CASE's code).
+        correct_only: explain only correctly classified samples (CASE RQ2 protocol).
+        sample_size / sample_seed: evaluate a fixed random sample of the test split
+            (``evaluate.py`` restricts the loader: :func:`datamodules.test_subset.sample_test_split`).
+        confusion_matrix: ``.npy``/``.csv`` for ``confusion`` selectors; default: the one the
+            training run saved next to the checkpoint.
+        perturbation_batch_size: images per forward pass of perturbation metrics.
+        gallery_size: samples (the lowest indices) whose maps are drawn in ``gallery/``.
+        sanity_check: ``{samples, measure, max_steps, seed}`` to run cascading randomisation on
+            the gallery samples (``null`` = off).
+        autocast: run methods and metrics under CUDA autocast (float16); CUDA only.
+        every_n_epochs / validation_batches: evaluate during ``fit`` (off by default).
+        title: study title for ``report.md``.
+        output_dir: where results go (default: the trainer's ``default_root_dir``).
     """
 
     def __init__(
         self,
-        methods: list[str] | None = None,
-        layer: str | None = None,
-        agreement_fraction: float = 0.05,
+        methods: list[str | dict[str, Any]] | None = None,
+        layers: list[str | None] | None = None,
+        targets: list[str] | None = None,
+        metrics: list[str | dict[str, Any]] | None = None,
+        reference_method: str | None = None,
         agreement_threshold: float = 0.5,
-        deletion_pixels_per_step: int | None = None,
-        deletion_fill: float = 0.0,
+        test_alternative: str = "two-sided",
+        correct_only: bool = False,
+        sample_size: int | None = None,
+        sample_seed: int = 0,
+        confusion_matrix: str | None = None,
         perturbation_batch_size: int = 256,
+        gallery_size: int = 4,
+        sanity_check: dict[str, Any] | None = None,
+        autocast: bool = False,
+        every_n_epochs: int | None = None,
+        validation_batches: int = 1,
+        title: str = "Saliency evaluation",
         output_dir: str | None = None,
     ) -> None:
-        self.method_names = list(methods or ["grad_cam"])
-        for name in self.method_names:
-            if name not in list_methods():
-                hint = closest(name, list_methods())
-                raise UnknownMethodError(
-                    f"unknown saliency method {name!r} in --evaluation.methods; "
-                    f"{'did you mean ' + ', '.join(hint) + '? ' if hint else ''}"
-                    f"available: {', '.join(list_methods())}"
-                )
-        self.layer = layer
-        self.agreement_fraction = agreement_fraction
+        self.method_specs = parse_methods(methods or ["grad_cam"])
+        self.layers = list(layers) if layers else [None]
+        self.policies = parse_policies(list(targets or ["top1_vs_top2", "top1"]))
+        self.metric_specs = parse_metrics(metrics or ["feature_agreement", "deletion_auc"])
+        labels = [spec.label for spec in self.method_specs]
+        self.reference_method = reference_method or labels[0]
+        if self.reference_method not in labels:
+            raise ConfigurationError(
+                f"evaluation.reference_method {self.reference_method!r} is not one of the "
+                f"method labels: {', '.join(labels)}"
+            )
+        self._check_metric_policies()
         self.agreement_threshold = agreement_threshold
-        self.deletion_pixels_per_step = deletion_pixels_per_step
-        self.deletion_fill = deletion_fill
+        self.test_alternative = test_alternative
+        self.correct_only = correct_only
+        self.sample_size = sample_size
+        self.sample_seed = sample_seed
+        self.confusion_matrix = confusion_matrix
         self.perturbation_batch_size = perturbation_batch_size
+        self.gallery_size = gallery_size
+        self.sanity_check = _check_sanity_options(sanity_check)
+        self.autocast = autocast
+        self.every_n_epochs = every_n_epochs
+        self.validation_batches = validation_batches
+        self.title = title
         self.output_dir = output_dir
+        self.combinations: list[_Combination] | None = None
         self.per_sample: pd.DataFrame | None = None
         self.summary: pd.DataFrame | None = None
+        self.stats: pd.DataFrame | None = None
+        self.curves: pd.DataFrame | None = None
+        self.sanity: pd.DataFrame | None = None
+        self.published: list[Path] = []
 
+    # ----------------------------------------------------------------- configuration checks
+    def _check_metric_policies(self) -> None:
+        kinds = {policy.kind for policy in self.policies}
+        for spec in self.metric_specs:
+            wanted = METRICS[spec.name].policy_kinds
+            if not wanted & kinds:
+                valid = [name for name, p in POLICIES.items() if p.kind in wanted]
+                raise ConfigurationError(
+                    f"metric {spec.label!r} needs a target policy of kind "
+                    f"{'/'.join(sorted(wanted))} ({', '.join(valid)}), but evaluation.targets "
+                    f"is {[p.name for p in self.policies]}"
+                )
+
+    def prepare(
+        self,
+        network: torch.nn.Module,
+        sample: dict[str, Any],
+        confusion_matrix: str | Path | None = None,
+        device_type: str = "cpu",
+    ) -> None:
+        """Check the config against the model and the data and build every method — before
+        any computation. ``sample`` is one dataset item (its keys say what the data has);
+        ``confusion_matrix`` is the training run's matrix (``evaluation.confusion_matrix``
+        wins)."""
+        if self.autocast and device_type != "cuda":
+            raise ConfigurationError(
+                "evaluation.autocast needs a CUDA device (float16 autocast); the trainer runs on "
+                f"{device_type}: drop --evaluation.autocast or use --trainer.accelerator gpu"
+            )
+        keys = set(sample)
+        for policy in self.policies:
+            missing = [k for k in policy.needs if k not in keys]
+            if missing:
+                raise ConfigurationError(
+                    f"target policy {policy.name!r} needs {missing} in each sample, but the "
+                    f"dataset gives only {sorted(keys)}; use a grid datamodule "
+                    f"(e.g. configs/data/quad_shapes.yaml) or drop the policy"
+                )
+        for spec in self.metric_specs:
+            needed = METRICS[spec.name].needed_keys(spec.kwargs)
+            missing = [k for k in needed if k not in keys]
+            if missing:
+                raise ConfigurationError(
+                    f"metric {spec.label!r} needs {missing} (masks/boxes) in each sample, but "
+                    f"the dataset gives only {sorted(keys)}; drop the metric or choose a dataset "
+                    f"with annotations (shapes, CUB, COCO)"
+                )
+        matrix = self.confusion_matrix or confusion_matrix
+        if matrix is not None and not Path(matrix).is_file():
+            raise ConfigurationError(f"confusion matrix not found: {matrix}")
+        self._matrix = matrix
+        self.combinations = self._build(network, matrix)
+
+    def _build(self, network: torch.nn.Module, matrix: str | Path | None) -> list[_Combination]:
+        from saliency.methods import create_method
+
+        combinations: list[_Combination] = []
+        for layer in self.layers:
+            if layer is not None:
+                resolve_layer(network, layer)  # lists the nearest valid names
+            for spec in self.method_specs:
+                kwargs = resolve_selectors(dict(spec.kwargs), matrix)
+                method = create_method(spec.name, network, layer=layer, **kwargs)
+                used = getattr(method, "layer", None)
+                label = used if isinstance(used, str) else INPUT_LAYER
+                if any(c.spec is spec and c.layer == label for c in combinations):
+                    continue  # a layer-free method runs once, not once per layer
+                combinations.append(_Combination(spec, label, method))
+        return combinations
+
+    # ------------------------------------------------------------------------- per batch
+    def _columns(self, batch: dict[str, Any]) -> list[str]:
+        columns: list[str] = []
+        for policy in self.policies:
+            columns += [c for c in policy.columns(batch) if c not in columns]
+        return columns
+
+    def _maps(
+        self, combination: _Combination, images: torch.Tensor, classes: torch.Tensor,
+        columns: list[str], batch: dict[str, Any],
+    ) -> torch.Tensor:  # fmt: skip
+        """All columns' maps ``[B, U, H, W]`` in one call; VAR's grid cells compete within
+        their grid (its class set = the grid's classes), so they get their own call."""
+        grid = [i for i, c in enumerate(columns) if c.startswith("cell")]
+        if combination.spec.name != "var" or not grid:
+            return combination.maps(images, classes)
+        maps = torch.empty(0)
+        rest = [i for i in range(len(columns)) if i not in grid]
+        grid_maps = combination.maps(
+            images, classes[:, grid], class_set=batch["grid_labels"].to(classes.device)
+        )
+        if rest:
+            rest_maps = combination.maps(images, classes[:, rest])
+            maps = torch.empty(
+                (images.shape[0], len(columns), *grid_maps.shape[-2:]), device=grid_maps.device
+            )
+            maps[:, grid], maps[:, rest] = grid_maps, rest_maps
+            return maps
+        return grid_maps
+
+    def evaluate_batch(
+        self, network: torch.nn.Module, batch: dict[str, Any], logits: torch.Tensor
+    ) -> tuple[dict[tuple, torch.Tensor], dict[tuple, torch.Tensor], dict[str, Any]]:
+        """Values ``{(method, layer, policy, value name): [b]}``, curves ``{(method, layer,
+        policy, kind): [b, points]}`` and the rows used, for one batch."""
+        rows = correct_rows(logits, batch) if self.correct_only else None
+        if rows is not None:
+            batch = {k: _select(v, rows) for k, v in batch.items()}
+            logits = logits[rows]
+        values: dict[tuple, torch.Tensor] = {}
+        curves: dict[tuple, torch.Tensor] = {}
+        if logits.shape[0] == 0:
+            return values, curves, batch
+        images = batch["image"]
+        columns = self._columns(batch)
+        classes = torch.stack([column_classes(c, logits, batch) for c in columns], dim=1)
+        self._batch_maps: dict[tuple[str, str], torch.Tensor] = {}
+        autocast = (
+            torch.autocast("cuda", dtype=torch.float16)
+            if self.autocast
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            for combination in self.combinations:
+                maps = self._maps(combination, images, classes, columns, batch).float()
+                self._batch_maps[(combination.spec.label, combination.layer)] = maps
+                for policy in self.policies:
+                    chosen = [columns.index(c) for c in policy.columns(batch)]
+                    context = MetricContext(
+                        model=network, images=images, maps=maps[:, chosen],
+                        classes=classes[:, chosen], logits=logits, batch=batch,
+                        perturbation_batch_size=self.perturbation_batch_size,
+                    )  # fmt: skip
+                    key = (combination.spec.label, combination.layer, policy.name)
+                    for spec in self.metric_specs:
+                        metric = METRICS[spec.name]
+                        if policy.kind not in metric.policy_kinds:
+                            continue
+                        outputs, metric_curves = metric.compute(
+                            context, metric.options(spec.kwargs)
+                        )
+                        for suffix, value in outputs.items():
+                            values[(*key, spec.label + suffix)] = value.float()
+                        for kind, curve in metric_curves.items():
+                            curves.setdefault((*key, kind), curve)
+        self._batch_columns = columns
+        return values, curves, batch
+
+    def _value_keys(self) -> tuple[list[tuple], list[tuple]]:
+        """Every (method, layer, policy, value name) and curve key, in one fixed order (all
+        processes create and gather their states in this order)."""
+        value_keys, curve_keys = [], []
+        for combination in self.combinations:
+            for policy in self.policies:
+                key = (combination.spec.label, combination.layer, policy.name)
+                for spec in self.metric_specs:
+                    metric = METRICS[spec.name]
+                    if policy.kind not in metric.policy_kinds:
+                        continue
+                    value_keys += [(*key, name) for name in metric.value_names(spec.label)]
+                    curve_keys += [(*key, kind) for kind in metric.curves]
+        return value_keys, list(dict.fromkeys(curve_keys))
+
+    # ------------------------------------------------------------------------------ test
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        network = pl_module.network
-        self.resolved_layer = self.layer or default_layer(network)
-        self._methods = {
-            name: create_method(name, network, layer=self.resolved_layer)
-            for name in self.method_names
-        }
+        if self.combinations is None:  # not prepared by evaluate.py: do it now
+            sample = trainer.test_dataloaders.dataset[0]
+            self.prepare(
+                pl_module.network, sample,
+                getattr(pl_module, "confusion_matrix_path", None), pl_module.device.type,
+            )  # fmt: skip
         device = pl_module.device
-        self._values = {
-            (name, metric): PerSampleValues().to(device)
-            for name in self.method_names
-            for metric, _ in METRICS
+        value_keys, curve_keys = self._value_keys()
+        self._values = {k: PerSampleValues(row_shape=()).to(device) for k in value_keys}
+        self._curves = {
+            k: PerSampleValues(row_shape=(CURVE_POINTS,)).to(device) for k in curve_keys
         }
-        self._predictions = PerSampleValues().to(device)
+        self._predictions = PerSampleValues(row_shape=(5,)).to(device)
+        self._gallery_indices = set(_first_indices(trainer.test_dataloaders, self.gallery_size))
+        self._gallery: list[dict[str, Any]] = []
+        if trainer.is_global_zero:
+            directory = Path(self.output_dir or trainer.default_root_dir)
+            self._staging = StagedResults(directory)
 
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        images, indices = batch["image"], batch["index"]
-        logits = outputs["logits"]
+        logits = outputs["logits"].detach()
+        indices = batch["index"]
         top2 = logits.topk(2, dim=1)
         probs = logits.softmax(dim=1).gather(1, top2.indices)
         self._predictions.update(
             torch.cat([batch["label"][:, None].float(), top2.indices.float(), probs], dim=1),
             indices,
         )
-        for name, method in self._methods.items():
-            maps = method(images, top2.indices)  # [B, 2, H, W]
-            agreement = feature_agreement(maps[:, 0], maps[:, 1], self.agreement_fraction)
-            deletion = deletion_auc(
-                pl_module.network,
-                images,
-                maps[:, 0],
-                top2.indices[:, 0],
-                pixels_per_step=self.deletion_pixels_per_step,
-                fill=self.deletion_fill,
-                batch_size=self.perturbation_batch_size,
+        values, curves, used = self.evaluate_batch(pl_module.network, batch, logits)
+        for key, value in values.items():
+            self._values[key].update(value, used["index"])
+        for key, curve in curves.items():
+            self._curves[key].update(curve, used["index"])
+        if values:
+            self._keep_gallery(used, logits if not self.correct_only else None, trainer)
+
+    def _keep_gallery(self, batch, logits, trainer) -> None:
+        wanted = [
+            i for i, index in enumerate(batch["index"].tolist()) if index in self._gallery_indices
+        ]
+        if not wanted:
+            return
+        datamodule = trainer.datamodule
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        for row in wanted:
+            maps = {
+                (method, layer, column): self._batch_maps[(method, layer)][row, j].cpu()
+                for (method, layer) in self._batch_maps
+                for j, column in enumerate(self._batch_columns)
+            }
+            self._gallery.append(
+                {
+                    "index": int(batch["index"][row]),
+                    "image": batch["image"][row].cpu(),
+                    "pixels": _display_pixels(batch["image"][row].cpu(), mean, std),
+                    "masks": {
+                        k: batch[k][row].cpu()
+                        for k in ("mask", "part_mask")
+                        if k in batch and torch.is_tensor(batch[k])
+                    },
+                    "label": int(batch["label"][row]),
+                    "maps": maps,
+                }
             )
-            self._values[(name, "feature_agreement")].update(agreement, indices)
-            self._values[(name, "deletion_auc")].update(deletion, indices)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # compute() gathers across processes: every rank must call it.
+        # compute() gathers across processes: every rank calls it, in the same order.
         sample_index, predictions = (t.cpu() for t in self._predictions.compute())
         samples = pd.DataFrame(
             {
@@ -129,14 +392,13 @@ class SaliencyEvaluationCallback(L.Callback):
             }
         )
         frames = []
-        for (name, metric), state in self._values.items():
+        for (method, layer, policy, metric), state in self._values.items():
             indices, values = (t.cpu() for t in state.compute())
-            policy = dict(METRICS)[metric]
             frames.append(
                 pd.DataFrame(
                     {
-                        "method": name,
-                        "layer": self.resolved_layer,
+                        "method": method,
+                        "layer": layer,
                         "target_policy": policy,
                         "metric": metric,
                         "index": indices.numpy(),
@@ -144,55 +406,291 @@ class SaliencyEvaluationCallback(L.Callback):
                     }
                 )
             )
+        curves = {key: state.compute()[1].cpu().numpy() for key, state in self._curves.items()}
+        gallery = _gather_objects(self._gallery)
         self.per_sample = pd.concat(frames, ignore_index=True).merge(samples, on="index")
         self.summary = summarise(self.per_sample, self.agreement_threshold)
-        if trainer.is_global_zero:
-            directory = Path(self.output_dir or trainer.default_root_dir)
-            directory.mkdir(parents=True, exist_ok=True)
-            self.per_sample.to_parquet(directory / "per_sample.parquet", index=False)
-            self.summary.to_csv(directory / "summary.csv", index=False)
-            self._log_wandb(trainer)
+        self.stats = method_tests(
+            self.per_sample, self.reference_method, self.agreement_threshold,
+            self.test_alternative,
+        )  # fmt: skip
+        self.curves = mean_curves(curves)
+        if not trainer.is_global_zero:
+            return
+        gallery = sorted({g["index"]: g for g in gallery}.values(), key=lambda g: g["index"])
+        self.sanity = self._run_sanity_check(pl_module.network, gallery)
+        self._write_results(trainer, gallery)
 
-    def _log_wandb(self, trainer: L.Trainer) -> None:
+    # ---------------------------------------------------------------------- outputs, W&B
+    def _run_sanity_check(self, network, gallery) -> pd.DataFrame | None:
+        if self.sanity_check is None or not gallery:
+            return None
+        from callbacks.sanity_checks import randomisation_curves
+
+        chosen = gallery[: self.sanity_check["samples"]]
+        device = next(network.parameters()).device
+        images = torch.stack([g["image"] for g in chosen]).to(device)
+        logits = network(images)
+        classes = logits.argmax(dim=1)
+        matrix = self._matrix
+
+        def builder(combination: _Combination):
+            from saliency.methods import create_method
+
+            kwargs = resolve_selectors(dict(combination.spec.kwargs), matrix)
+            layer = None if combination.layer == INPUT_LAYER else combination.layer
+            return lambda model: create_method(combination.spec.name, model, layer=layer, **kwargs)
+
+        builders = {(c.spec.label, c.layer): builder(c) for c in self.combinations}
+        return randomisation_curves(
+            network, images, classes, builders,
+            measure=self.sanity_check["measure"], max_steps=self.sanity_check["max_steps"],
+            seed=self.sanity_check["seed"],
+        )  # fmt: skip
+
+    def _write_results(self, trainer: L.Trainer, gallery: list[dict[str, Any]]) -> None:
+        from callbacks.report import (
+            GallerySample,
+            agreement_histograms,
+            gallery_grid,
+            metric_summary,
+            perturbation_curves,
+            render_gallery,
+            sanity_curves,
+            write_report,
+        )
+
+        staging = self._staging.path
+        self.per_sample.to_parquet(staging / "per_sample.parquet", index=False)
+        self.summary.to_csv(staging / "summary.csv", index=False)
+        self.stats.to_csv(staging / "stats.csv", index=False)
+        self.curves.to_csv(staging / "curves.csv", index=False)
+        if self.sanity is not None:
+            self.sanity.to_csv(staging / "sanity_checks.csv", index=False)
+        plots = staging / "plots"
+        plots.mkdir()
+        plot_paths = [
+            *metric_summary(self.summary, plots),
+            *agreement_histograms(self.per_sample, self.summary, plots),
+            *perturbation_curves(self.curves, plots),
+        ]
+        if self.sanity is not None:
+            plot_paths += sanity_curves(self.sanity, plots)
+        samples = self.per_sample.drop_duplicates("index").set_index("index")
+        class_names = getattr(trainer.datamodule, "class_names", None)
+        gallery_samples = [
+            GallerySample(
+                index=g["index"],
+                image=g["pixels"],
+                masks=g["masks"],
+                label=g["label"],
+                top1=int(samples.loc[g["index"], "top1"]) if g["index"] in samples.index else -1,
+                top2=int(samples.loc[g["index"], "top2"]) if g["index"] in samples.index else -1,
+                class_names=list(class_names) if class_names else None,
+                maps=g["maps"],
+            )
+            for g in gallery
+        ]
+        gallery_dir = staging / "gallery"
+        gallery_dir.mkdir()
+        gallery_paths = [
+            *gallery_grid(gallery_samples, gallery_dir),
+            *render_gallery(gallery_samples, gallery_dir),
+        ]
+        write_report(
+            staging,
+            title=self.title,
+            run_info=self._run_info(trainer),
+            summary=self.summary,
+            stats=self.stats,
+            plot_paths=plot_paths,
+            gallery_paths=gallery_paths,
+            notes=self._notes(),
+        )
+        self.published = self._staging.publish()
+        run_dir = self._staging.run_dir
+        self._log_wandb(
+            trainer,
+            [run_dir / p.relative_to(staging) for p in plot_paths],
+            [run_dir / p.relative_to(staging) for p in gallery_paths],
+        )
+
+    def _run_info(self, trainer: L.Trainer) -> dict[str, str]:
+        module = trainer.lightning_module
+        source = getattr(module, "checkpoint_path", None) or getattr(module, "source_name", "")
+        return {
+            "model": str(source),
+            "data": type(trainer.datamodule).__name__,
+            "samples": str(self.per_sample["index"].nunique()),
+            "methods": ", ".join(s.label for s in self.method_specs),
+            "layers": ", ".join(sorted({c.layer for c in self.combinations})),
+            "target policies": ", ".join(p.name for p in self.policies),
+            "devices": f"{trainer.world_size} ({trainer.strategy.__class__.__name__})",
+            "reference method": self.reference_method,
+        }
+
+    def _notes(self) -> list[str]:
+        notes = [
+            f"Feature agreement: one-sided Wilcoxon signed-rank test of H1: median < "
+            f"{self.agreement_threshold} (CASE Eq. 8).",
+            f"stats.csv: paired t-tests ({self.test_alternative}) of each method against "
+            f"{self.reference_method!r} on the same samples, Cohen's d_z, Holm and BH "
+            f"corrections across methods.",
+        ]
+        if self.correct_only:
+            notes.append("Only correctly classified samples were explained.")
+        return notes
+
+    def _log_wandb(self, trainer: L.Trainer, plot_paths, gallery_paths) -> None:
         for logger in trainer.loggers:
             if not isinstance(logger, WandbLogger):
                 continue
-            import wandb
+            try:
+                _log_to_run(logger.experiment, self, plot_paths, gallery_paths)
+            except Exception as error:  # the results are on disk already
+                log.warning(
+                    "W&B logging failed (%s: %s); every result is in %s",
+                    type(error).__name__, error, self._staging.run_dir,
+                )  # fmt: skip
 
-            run = logger.experiment
-            for row in self.summary.itertuples():
-                run.summary[f"eval/{row.method}/{row.metric}"] = row.mean
-                if not math.isnan(row.wilcoxon_p):
-                    run.summary[f"eval/{row.method}/{row.metric}_wilcoxon_p"] = row.wilcoxon_p
-            run.log({"eval/summary": wandb.Table(dataframe=self.summary)})
+    # --------------------------------------------------------------------- during training
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._watch = self._watching(trainer)
+        if self._watch and self.combinations is None:
+            sample = trainer.val_dataloaders.dataset[0]
+            self.prepare(pl_module.model, sample, None, pl_module.device.type)
+        self._running: dict[tuple, list[torch.Tensor]] = {}
+
+    def _watching(self, trainer: L.Trainer) -> bool:
+        return (
+            self.every_n_epochs is not None
+            and trainer.state.fn == "fit"
+            and not trainer.sanity_checking
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        )
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        if not self._watch or batch_idx >= self.validation_batches:
+            return
+        network = pl_module.model
+        with torch.no_grad():
+            logits = network(batch["image"])
+        values, _, _ = self.evaluate_batch(network, batch, logits)
+        for key, value in values.items():
+            self._running.setdefault(key, []).append(value)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._watch:
+            return
+        for (method, layer, policy, metric), parts in self._running.items():
+            name = f"eval/{method}/{metric}"
+            if len(self.layers) > 1 or len(self.policies) > 1:
+                name = f"eval/{method}/{layer}/{policy}/{metric}"
+            pl_module.log(name, torch.cat(parts).mean(), sync_dist=True)
 
 
-def summarise(per_sample: pd.DataFrame, agreement_threshold: float) -> pd.DataFrame:
-    """One row per (method, layer, target policy, metric): n, mean, median, sd, 95 % t-CI, and
-    for feature agreement the one-sided Wilcoxon test against ``agreement_threshold``."""
-    rows = []
-    keys = ["method", "layer", "target_policy", "metric"]
-    for key, group in per_sample.groupby(keys, sort=False):
-        values = group["value"].to_numpy(dtype=np.float64)
-        ci_low, ci_high = mean_confidence_interval(values)
-        row = dict(zip(keys, key, strict=True))
-        row |= {
-            "n": values.size,
-            "mean": values.mean(),
-            "median": float(np.median(values)),
-            "sd": values.std(ddof=1) if values.size > 1 else math.nan,
-            "ci_low": ci_low,
-            "ci_high": ci_high,
-            "wilcoxon_threshold": math.nan,
-            "wilcoxon_statistic": math.nan,
-            "wilcoxon_p": math.nan,
-        }
-        if row["metric"] == "feature_agreement":
-            test = wilcoxon_below(values, agreement_threshold)
-            row |= {
-                "wilcoxon_threshold": agreement_threshold,
-                "wilcoxon_statistic": test.statistic,
-                "wilcoxon_p": test.p_value,
+def _check_sanity_options(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    if options is None:
+        return None
+    from callbacks.sanity_checks import MEASURES
+
+    defaults = {"samples": 4, "measure": "spearman_abs", "max_steps": None, "seed": 0}
+    unknown = set(options) - set(defaults)
+    if unknown:
+        raise ConfigurationError(
+            f"evaluation.sanity_check has unknown key(s) {sorted(unknown)}; valid: "
+            f"{', '.join(defaults)}"
+        )
+    merged = {**defaults, **options}
+    if merged["measure"] not in MEASURES:
+        raise ConfigurationError(
+            f"evaluation.sanity_check.measure {merged['measure']!r} is not one of "
+            f"{', '.join(MEASURES)}"
+        )
+    return merged
+
+
+def _display_pixels(image: torch.Tensor, mean, std) -> torch.Tensor:
+    """A normalised ``[3, H, W]`` image back in [0, 1] with the datamodule's mean/std; a
+    datamodule that declares none gets its image min-max scaled for display."""
+    if mean is None or std is None:
+        low, high = image.min(), image.max()
+        return (image - low) / (high - low) if high > low else torch.zeros_like(image)
+    mean = torch.as_tensor(mean, dtype=image.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=image.dtype).view(-1, 1, 1)
+    return (image * std + mean).clamp(0, 1)
+
+
+def _select(value: Any, rows: torch.Tensor) -> Any:
+    if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows.shape[0]:
+        return value[rows.to(value.device)]
+    return value
+
+
+def _first_indices(dataloader, count: int) -> list[int]:
+    """The ``count`` lowest sample indices of the dataloader's dataset (a ``Subset``'s own)."""
+    dataset = dataloader.dataset
+    indices = getattr(dataset, "indices", None)
+    if indices is not None:
+        return sorted(int(i) for i in indices)[:count]
+    return list(range(min(count, len(dataset))))
+
+
+def _gather_objects(items: list[Any]) -> list[Any]:
+    """Concatenate a list from every process (the gallery: a few samples)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(items)
+    gathered: list[list[Any] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in (part or [])]
+
+
+def wandb_key(method: str, layer: str, policy: str, metric: str, unique: bool) -> str:
+    """``eval/<method>/<metric>``, with layer and policy when the method has several."""
+    if unique:
+        return f"eval/{method}/{metric}"
+    return f"eval/{method}/{layer}/{policy}/{metric}"
+
+
+def _log_to_run(run, callback: SaliencyEvaluationCallback, plot_paths, gallery_paths) -> None:
+    import wandb
+
+    summary = callback.summary
+    combos = summary.groupby(["method", "metric"]).size()
+    for row in summary.itertuples():
+        unique = combos[(row.method, row.metric)] == 1
+        key = wandb_key(row.method, row.layer, row.target_policy, row.metric, unique)
+        run.summary[key] = row.mean
+        if not math.isnan(row.wilcoxon_p):
+            run.summary[f"{key}_wilcoxon_p"] = row.wilcoxon_p
+    run.config.update(
+        {
+            "evaluation": {
+                "methods": [
+                    {"name": s.name, "label": s.label, "kwargs": dict(s.kwargs)}
+                    for s in callback.method_specs
+                ],
+                "layers": sorted({c.layer for c in callback.combinations}),
+                "targets": [p.name for p in callback.policies],
+                "metrics": [
+                    {"name": s.name, "label": s.label, "kwargs": dict(s.kwargs)}
+                    for s in callback.metric_specs
+                ],
+                "reference_method": callback.reference_method,
+                "agreement_threshold": callback.agreement_threshold,
             }
-        rows.append(row)
-    return pd.DataFrame(rows)
+        },
+        allow_val_change=True,
+    )
+    per_sample = callback.per_sample.astype({"value": np.float64})
+    run.log(
+        {
+            "eval/summary_table": wandb.Table(dataframe=summary),
+            "eval/per_sample_table": wandb.Table(dataframe=per_sample),
+            "eval/stats_table": wandb.Table(dataframe=callback.stats),
+            **{f"eval/plots/{p.stem}": wandb.Image(str(p)) for p in plot_paths},
+            **{f"eval/gallery/{p.stem}": wandb.Image(str(p)) for p in gallery_paths},
+        }
+    )

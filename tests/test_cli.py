@@ -64,15 +64,29 @@ def _evaluate_args(run_dir: Path, output_dir: Path, run_name: str) -> list[str]:
     ]  # fmt: skip
 
 
+# methods × layers × targets × metrics, with a contrast selector and a layer-free method
+WIDE = [
+    "--evaluation.methods",
+    "[grad_cam, {name: case, kwargs: {contrast: {selector: confusion, k: 1}}}, input_x_gradient]",
+    "--evaluation.layers", "[features.3, features.2]",
+    "--evaluation.targets", "[top1_vs_top2, top1]",
+    "--evaluation.metrics",
+    "[feature_agreement, deletion_auc, "
+    "{name: energy_pointing_game, label: mark_energy, kwargs: {mask_key: part_mask}}]",
+    "--evaluation.gallery_size", "3",
+]  # fmt: skip
+
+
 def test_ddp_evaluation_equals_single_device_each_sample_once(trained_run, tmp_path):
     evaluation = evaluate.main(
-        [*_evaluate_args(trained_run, tmp_path, "one"), "--trainer.devices", "1"]
+        [*_evaluate_args(trained_run, tmp_path, "one"), *WIDE, "--trainer.devices", "1"]
     )
-    summary = evaluation.summary.set_index("metric")
-    assert np.isfinite(summary.loc["feature_agreement", ["mean", "wilcoxon_p"]].astype(float)).all()
-    assert np.isfinite(summary.loc["deletion_auc", "mean"])
+    summary = evaluation.summary.set_index(["method", "layer", "metric"])
+    agreement = summary.loc[("grad_cam", "features.3", "feature_agreement")]
+    assert np.isfinite(agreement[["mean", "wilcoxon_p"]].astype(float)).all()
+    assert np.isfinite(summary.loc[("case", "features.2", "deletion_auc"), "mean"])
 
-    ddp = _evaluate_args(trained_run, tmp_path, "two")
+    ddp = _evaluate_args(trained_run, tmp_path, "two") + WIDE
     ddp += ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("CONTRASTIVE_SALIENCY")}
     completed = subprocess.run(
@@ -81,15 +95,23 @@ def test_ddp_evaluation_equals_single_device_each_sample_once(trained_run, tmp_p
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
 
-    keys = ["method", "metric", "index"]
+    keys = ["method", "layer", "target_policy", "metric", "index"]
     single = pd.read_parquet(tmp_path / "one" / "per_sample.parquet").sort_values(keys)
     double = pd.read_parquet(tmp_path / "two" / "per_sample.parquet").sort_values(keys)
+    assert len(single) == 5 * 3 * 7  # (method, layer) pairs × values × samples
     for frame in (single, double):
-        counts = frame.groupby(["method", "metric"])["index"].agg(list)
+        counts = frame.groupby(keys[:-1])["index"].agg(list)
         assert all(sorted(indices) == list(range(7)) for indices in counts), counts
+    assert (double[keys].to_numpy() == single[keys].to_numpy()).all()
     np.testing.assert_allclose(double["value"].to_numpy(), single["value"].to_numpy(), atol=1e-6)
     assert (double["top1"].to_numpy() == single["top1"].to_numpy()).all()
-    assert (tmp_path / "two" / "summary.csv").is_file()
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "one" / "stats.csv"), pd.read_csv(tmp_path / "two" / "stats.csv")
+    )
+    # the gallery samples seen by the other process reach rank 0's gallery
+    gallery = sorted(p.name for p in (tmp_path / "two" / "gallery").glob("gallery__sample-*"))
+    assert gallery == [f"gallery__sample-{i:06d}.png" for i in range(3)]
+    assert (tmp_path / "two" / "manifest.json").is_file()
 
 
 def _cli_error(module, args, monkeypatch, capsys) -> str:
@@ -123,7 +145,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(trained_run, tmp_path, monkey
 
     evaluate_base = [*base, "--model.checkpoint", checkpoint, *TINY_DATA]
     message = _cli_error(
-        evaluate, [*evaluate_base, "--evaluation.layer", "features.9"], monkeypatch, capsys
+        evaluate, [*evaluate_base, "--evaluation.layers", "[features.9]"], monkeypatch, capsys
     )
     assert "'features.9'" in message and "features.3" in message
 

@@ -1,0 +1,238 @@
+"""evaluate.py at full width: methods × layers × targets × metrics, every output, W&B read
+back, bad configs rejected before any computation, atomic results, training-time watching."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+import evaluate
+import train
+from callbacks.run_outputs import is_complete
+from callbacks.saliency_evaluation import SaliencyEvaluationCallback
+from lightning_modules.cli import run_cli
+from tests.conftest import TINY_DATA, TINY_SIZES, tiny_train_args
+
+_RUNS = itertools.count()
+
+WIDE = [
+    "--evaluation.methods",
+    "[grad_cam, {name: case, kwargs: {contrast: {selector: confusion, k: 1}}}, input_x_gradient]",
+    "--evaluation.layers", "[features.3, features.2]",
+    "--evaluation.targets", "[top1_vs_top2, top1, ground_truth]",
+    "--evaluation.metrics",
+    "[feature_agreement, deletion_auc, "
+    "{name: energy_pointing_game, label: mark_energy, kwargs: {mask_key: part_mask}}, aupr]",
+    "--evaluation.sanity_check", "{samples: 2, max_steps: 2}",
+    "--evaluation.gallery_size", "2",
+]  # fmt: skip
+
+
+def _base(trained_run: Path, output_dir: Path, run_name: str, wandb: str = "disabled"):
+    return [
+        "--model.checkpoint", str(trained_run / "checkpoints" / "last.ckpt"),
+        "--output_dir", str(output_dir),
+        "--run_name", run_name,
+        "--wandb.mode", wandb,
+        "--wandb.group", "pipeline-test",
+        "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+
+
+def _args(trained_run: Path, output_dir: Path, run_name: str, wandb: str = "disabled"):
+    """The tiny shapes test split (7 samples) in batches of 4."""
+    data = ["--data.batch_size", "4", "--data.num_workers", "0", *TINY_SIZES]
+    return [*_base(trained_run, output_dir, run_name, wandb), *data]
+
+
+def _capture_wandb(monkeypatch) -> dict:
+    """Read the W&B run back in-process (``run.summary``) just before evaluate.py finishes it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    import lightning_modules.cli as cli
+
+    captured: dict = {}
+    finish = cli.finish_wandb
+
+    def capture_then_finish(trainer) -> None:
+        run = next(lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger))
+        summary = {k: dict(v) if hasattr(v, "keys") else v for k, v in dict(run.summary).items()}
+        captured.update(summary=summary, config=dict(run.config), dir=run.dir)
+        captured["group"], captured["job_type"] = run.group, run.job_type
+        finish(trainer)
+
+    monkeypatch.setattr(cli, "finish_wandb", capture_then_finish)
+    return captured
+
+
+def test_full_width_evaluation_writes_every_output(trained_run, tmp_path, monkeypatch):
+    wandb_run = _capture_wandb(monkeypatch)
+    evaluation = evaluate.main([*_args(trained_run, tmp_path, "wide", "offline"), *WIDE])
+    run_dir = tmp_path / "wide"
+    assert is_complete(run_dir)
+    frame = pd.read_parquet(run_dir / "per_sample.parquet")
+    assert {"method", "layer", "target_policy", "metric", "index", "value"} <= set(frame.columns)
+    groups = frame.groupby(["method", "layer", "target_policy", "metric"])["index"]
+    assert all(sorted(v) == list(range(7)) for v in groups.agg(list)), "each sample once"
+    combos = set(groups.groups)
+    # gradient CAMs at both layers, input_x_gradient once, under layer "input"
+    assert {layer for m, layer, *_ in combos if m == "input_x_gradient"} == {"input"}
+    assert {layer for m, layer, *_ in combos if m == "case"} == {"features.3", "features.2"}
+    # each metric only on the policies of its kind; aupr gives two values
+    agreement = {p for *_, p, metric in combos if metric == "feature_agreement"}
+    assert agreement == {"top1_vs_top2"}
+    assert {p for *_, p, metric in combos if metric == "aupr1"} == {"top1", "ground_truth"}
+    # 5 (method, layer) pairs × (1 pair value + 2 single policies × 4 values)
+    assert len(combos) == 5 * (1 + 2 * 4)
+
+    summary = pd.read_csv(run_dir / "summary.csv")
+    assert len(summary) == len(combos)
+    assert summary.loc[summary.metric == "feature_agreement", "wilcoxon_p"].notna().all()
+    stats = pd.read_csv(run_dir / "stats.csv")
+    assert set(stats["reference"]) == {"grad_cam"}
+    assert set(stats["method"]) == {"case", "input_x_gradient"}
+    assert stats["t_p_holm"].ge(stats["t_p_value"] - 1e-12).all()
+    sanity = pd.read_csv(run_dir / "sanity_checks.csv")
+    assert sanity.groupby(["method", "layer"])["step_index"].max().eq(2).all()
+
+    pngs = sorted((run_dir / "plots").glob("*.png")) + sorted((run_dir / "gallery").glob("*.png"))
+    names = {p.name for p in pngs}
+    assert any(n.startswith("agreement") for n in names)
+    assert any(n.startswith("deletion") for n in names)
+    assert any(n.startswith("sanity") for n in names)
+    assert len(list((run_dir / "gallery").glob("*.png"))) >= 2
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.size[0] > 200 and image.size[1] > 100
+    report = (run_dir / "report.md").read_text()
+    links = [line.split("](")[1].split(")")[0] for line in report.splitlines() if "](" in line]
+    assert links and all((run_dir / link).is_file() for link in links)
+    assert "case" in report and "input_x_gradient" in report
+    assert not list(run_dir.glob(".staging-*"))
+
+    summary_keys = wandb_run["summary"]
+    unique_key = "eval/input_x_gradient/input/top1/deletion_auc"
+    expected = summary.query(
+        "method == 'input_x_gradient' and metric == 'deletion_auc' and target_policy == 'top1'"
+    )["mean"]
+    assert summary_keys[unique_key] == pytest.approx(expected.item(), rel=1e-6)
+    for table in ("eval/summary_table", "eval/per_sample_table", "eval/stats_table"):
+        assert summary_keys[table]["_type"] == "table-file", table
+    images = [
+        k for k, v in summary_keys.items() if isinstance(v, dict) and v.get("_type") == "image-file"
+    ]
+    assert any(k.startswith("eval/plots/") for k in images)
+    assert any(k.startswith("eval/gallery/") for k in images)
+    assert wandb_run["config"]["evaluation"]["reference_method"] == "grad_cam"
+    assert (wandb_run["group"], wandb_run["job_type"]) == ("pipeline-test", "evaluate")
+    assert list(Path(wandb_run["dir"]).rglob("*.table.json"))
+    assert evaluation.published[-1].name == "manifest.json"
+
+
+def _error(args, monkeypatch, capsys) -> str:
+    run_name = f"bad-{next(_RUNS)}"
+    monkeypatch.setattr(sys, "argv", [evaluate.__file__, *args, "--run_name", run_name])
+
+    def computed(*_, **__):
+        raise AssertionError("a map was computed before the configuration error")
+
+    monkeypatch.setattr(SaliencyEvaluationCallback, "evaluate_batch", computed)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(evaluate.main)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def test_bad_configs_fail_before_any_computation(trained_run, tmp_path, monkeypatch, capsys):
+    base = [*_base(trained_run, tmp_path, "unused"), *TINY_DATA]
+    message = _error([*base, "--evaluation.metrics", "[deletion_aucc]"], monkeypatch, capsys)
+    assert "unknown metric 'deletion_aucc'" in message and "deletion_auc" in message
+
+    message = _error([*base, "--evaluation.layers", "[features.33]"], monkeypatch, capsys)
+    assert "'features.33'" in message and "features.3" in message
+
+    message = _error([*base, "--evaluation.methods", "[grad_camm]"], monkeypatch, capsys)
+    assert "unknown saliency method 'grad_camm'" in message and "grad_cam" in message
+
+    grid = ["--evaluation.targets", "[grid_cells]", "--evaluation.metrics", "[grid_pointing_game]"]
+    message = _error([*base, *grid], monkeypatch, capsys)
+    assert "grid_cells" in message and "grid_labels" in message
+
+    pair_only = ["--evaluation.targets", "[top1]", "--evaluation.metrics", "[feature_agreement]"]
+    message = _error([*base, *pair_only], monkeypatch, capsys)
+    assert "feature_agreement" in message and "top1_vs_top2" in message
+
+    # a metric that needs masks on a dataset without them: the quad grids carry no part masks
+    quad = [*_base(trained_run, tmp_path, "unused"), "--config", "configs/data/quad_shapes.yaml",
+            "--data.test_samples", "4", "--data.val_samples", "0", "--data.num_workers", "0",
+            "--evaluation.targets", "[top1]",
+            "--evaluation.metrics", "[{name: energy_pointing_game, kwargs: {mask_key: part_mask}}]"]  # fmt: skip
+    message = _error(quad, monkeypatch, capsys)
+    assert "part_mask" in message and "grid_labels" in message
+
+    # a contrast selector without a confusion matrix: a checkpoint whose run saved none
+    lone = tmp_path / "lone" / "checkpoints"
+    lone.mkdir(parents=True)
+    shutil.copy(trained_run / "checkpoints" / "last.ckpt", lone / "last.ckpt")
+    no_matrix = [*base, "--model.checkpoint", str(lone / "last.ckpt"), "--evaluation.methods",
+                 "[{name: case, kwargs: {contrast: {selector: confusion, k: 1}}}]"]  # fmt: skip
+    message = _error(no_matrix, monkeypatch, capsys)
+    assert "confusion matrix" in message and "evaluation.confusion_matrix" in message
+
+    message = _error([*base, "--evaluation.autocast", "true"], monkeypatch, capsys)
+    assert "CUDA" in message
+
+
+def test_interrupted_evaluation_leaves_nothing_that_looks_complete(
+    trained_run, tmp_path, monkeypatch
+):
+    import callbacks.report as report
+
+    args = [*_args(trained_run, tmp_path, "crash"), "--evaluation.gallery_size", "1"]
+
+    def killed(*_, **__):
+        raise RuntimeError("killed while writing the report")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "write_report", killed)
+        with pytest.raises(RuntimeError, match="killed while writing"):
+            evaluate.main(args)
+    run_dir = tmp_path / "crash"
+    for name in ("per_sample.parquet", "summary.csv", "stats.csv", "report.md", "manifest.json"):
+        assert not (run_dir / name).exists(), name
+    assert not is_complete(run_dir)
+
+    evaluate.main(args)  # the rerun into the same directory completes and cleans up
+    assert is_complete(run_dir)
+    assert not list(run_dir.glob(".staging-*"))
+    first = pd.read_parquet(run_dir / "per_sample.parquet")
+    evaluate.main(args)  # and a second rerun overwrites with identical results
+    pd.testing.assert_frame_equal(first, pd.read_parquet(run_dir / "per_sample.parquet"))
+
+
+def test_callback_watches_explanations_during_training(tmp_path):
+    config = tmp_path / "watch.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: callbacks.saliency_evaluation.SaliencyEvaluationCallback\n"
+        "      init_args:\n"
+        "        methods: [grad_cam]\n"
+        "        targets: [top1_vs_top2]\n"
+        "        metrics: [feature_agreement]\n"
+        "        every_n_epochs: 1\n"
+        "        validation_batches: 1\n"
+    )
+    train.main([*tiny_train_args(tmp_path, "watch", 0), "--config", str(config)])
+    metrics = pd.read_csv(tmp_path / "watch" / "metrics.csv")
+    values = metrics["eval/grad_cam/feature_agreement"].dropna()
+    assert len(values) == 1 and 0.0 <= values.item() <= 1.0
