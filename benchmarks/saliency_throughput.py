@@ -13,6 +13,13 @@ model, inputs and layer. Checks against the methods issue's targets are reported
     uv run python benchmarks/saliency_throughput.py                 # resnet50, 224², batch 8
     uv run python benchmarks/saliency_throughput.py --device cuda --methods grad_cam case
 
+Suites of the perturbation and transformer methods (the first argument picks one; the rest
+are that suite's options, ``--help`` lists them):
+
+    uv run python benchmarks/saliency_throughput.py score_cam   # Score-CAM / Ablation-CAM vs pytorch-grad-cam
+    uv run python benchmarks/saliency_throughput.py caap        # CAAP parallel vs per-patch loop (ViT-Ti 224²)
+    uv run python benchmarks/saliency_throughput.py cluscam     # ClusCAM: clustering vs scoring time
+
 Writes JSON (default ``benchmarks/results/saliency_throughput_<device>.json``) and prints a
 table. Random-init weights: speed does not depend on them.
 """
@@ -20,6 +27,7 @@ table. Random-init weights: speed does not depend on them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,7 +89,21 @@ def library_seconds(name: str, model, layer_module, images, classes, device, rep
         cam.activations_and_grads.release()
 
 
+SUITES = {
+    "score_cam": "benchmarks.score_cam_throughput",
+    "caap": "benchmarks.caap_throughput",
+    "cluscam": "benchmarks.cluscam_cost",
+}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUITES:
+        return importlib.import_module(SUITES[argv[0]]).main(argv[1:])
+    return gradient_cam_suite(argv)
+
+
+def gradient_cam_suite(argv: list[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet50", help="torchvision model name")
     parser.add_argument("--layer", default="layer4", help="dotted layer path (ours and theirs)")

@@ -12,6 +12,7 @@ from saliency.methods import (  # noqa: F401  (registers the methods)
     input_gradients,
     lrp,
     rise,
+    score_cams,
     var,
 )
 from saliency.methods.base import SaliencyMethod
