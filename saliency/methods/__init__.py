@@ -7,6 +7,7 @@ from saliency.methods import (  # noqa: F401  (registers the methods)
     attention_rollout,
     caap,
     case,
+    cluscam,
     finer_cam,
     gradient_cams,
     input_gradients,
