@@ -23,12 +23,7 @@ from tests.tiny_models import TinyCAMNet
 NUM_CLASSES = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_vit(depth: int = 3, **kwargs) -> VisionTransformer:

@@ -19,12 +19,7 @@ NUM_CLASSES = 5
 SELECTIONS = ["none", "box1", "box2", "manhattan"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_vit(**kwargs) -> VisionTransformer:

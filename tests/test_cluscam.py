@@ -31,13 +31,7 @@ from saliency.methods.cluscam import (
 from saliency.methods.registry import create_method
 from tests.tiny_models import TinyCAMNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> None:

@@ -18,13 +18,7 @@ from saliency.errors import ConfigurationError
 from saliency.layers import default_layer
 from saliency.methods.registry import create_method
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save_head(path: Path, weight: torch.Tensor, bias: torch.Tensor, prefix: str = "") -> Path:

@@ -8,13 +8,7 @@ import torch
 from saliency.errors import ConfigurationError
 from saliency.kmeans import inertia, kmeans, kmeans_plus_plus, nearest_centres
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-9) -> None:

@@ -41,12 +41,7 @@ METHODS = ("grad_cam", "case")
 LAYERS = ("layer4", "features.7.2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _per_sample(n: int = 40) -> pd.DataFrame:

@@ -19,12 +19,7 @@ from tests.tiny_models import TinyCAMNet
 FAST = {"n_masks": 300, "grid_size": 4, "batch_size": 64}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

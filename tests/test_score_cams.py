@@ -23,12 +23,7 @@ from saliency.targets import ExplicitReferences
 METHODS = ["score_cam", "ablation_cam", "finer_score_cam"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SmallCNN(nn.Module):
