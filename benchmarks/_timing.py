@@ -67,3 +67,30 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in rows:
         print("  ".join(cell(row.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def random_batch(
+    model: torch.nn.Module,
+    batch_size: int,
+    image_size: int,
+    num_targets: int,
+    seed: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Random images ``[B, 3, S, S]``, ``num_targets`` distinct random classes per image
+    ``[B, K]`` (seeded on the CPU) and the model's number of classes."""
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    with torch.no_grad():
+        num_classes = model(images[:1]).shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.stack(
+        [torch.randperm(num_classes, generator=generator)[:num_targets] for _ in images]
+    ).to(device)
+    return images, classes, num_classes
+
+
+def print_checks(checks: dict[str, bool], output: str | Path) -> None:
+    """One PASS/FAIL line per target of the issue, then where the JSON went."""
+    for check, passed in checks.items():
+        print(f"{'PASS' if passed else 'FAIL'}  {check}")
+    print(f"wrote {output}")

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._timing import environment, median_seconds, print_table, write_json
+from benchmarks._timing import environment, median_seconds, print_checks, print_table, write_json
 from saliency.methods.caap import CAAP
 
 
@@ -151,9 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "mean_abs_vs_parallel",
         ],
     )
-    for check, passed in checks.items():
-        print(f"{'PASS' if passed else 'FAIL'}  {check}")
-    print(f"wrote {output}")
+    print_checks(checks, output)
     return result
 
 

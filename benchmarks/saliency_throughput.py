@@ -36,7 +36,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._timing import environment, median_seconds, print_table, write_json
+from benchmarks._timing import (
+    environment,
+    median_seconds,
+    print_checks,
+    print_table,
+    random_batch,
+    write_json,
+)
 from saliency.errors import ConfigurationError
 from saliency.methods import create_method, list_methods
 from saliency.targets import ConfusionContrast, LogitNeighbours
@@ -123,13 +130,9 @@ def gradient_cam_suite(argv: list[str]) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(args.model, device)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    with torch.no_grad():
-        num_classes = model(images[:1]).shape[1]
-    generator = torch.Generator().manual_seed(args.seed)
-    classes = torch.stack(
-        [torch.randperm(num_classes, generator=generator)[: args.classes] for _ in images]
-    ).to(device)
+    images, classes, num_classes = random_batch(
+        model, args.batch_size, args.image_size, args.classes, args.seed, device
+    )
     layer_module = model.get_submodule(args.layer)
 
     def forward() -> None:
@@ -216,9 +219,7 @@ def gradient_cam_suite(argv: list[str]) -> dict[str, Any]:
             "speedup_vs_library",
         ],
     )
-    for check, passed in checks.items():
-        print(f"{'PASS' if passed else 'FAIL'}  {check}")
-    print(f"wrote {output}")
+    print_checks(checks, output)
     return result
 
 

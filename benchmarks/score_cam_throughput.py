@@ -39,7 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import saliency.methods.score_cams  # noqa: F401  (registers score_cam, ablation_cam)
-from benchmarks._timing import environment, median_seconds, print_table, synchronise, write_json
+from benchmarks._timing import (
+    environment,
+    median_seconds,
+    print_checks,
+    print_table,
+    random_batch,
+    synchronise,
+    write_json,
+)
 from saliency.methods import create_method
 
 
@@ -103,13 +111,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     torch.manual_seed(args.seed)
     model = build_model(args.model, device)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    with torch.no_grad():
-        num_classes = model(images[:1]).shape[1]
-    generator = torch.Generator().manual_seed(args.seed)
-    classes = torch.stack(
-        [torch.randperm(num_classes, generator=generator)[: args.classes] for _ in images]
-    ).to(device)
+    images, classes, num_classes = random_batch(
+        model, args.batch_size, args.image_size, args.classes, args.seed, device
+    )
     layer_module = model.get_submodule(args.layer)
 
     def forward() -> None:
@@ -190,9 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "speedup_vs_library_k_classes",
         ],
     )
-    for check, passed in checks.items():
-        print(f"{'PASS' if passed else 'FAIL'}  {check}")
-    print(f"wrote {output}")
+    print_checks(checks, output)
     return result
 
 
