@@ -494,7 +494,11 @@ class SaliencyEvaluationCallback(L.Callback):
         gallery_dir = staging / "gallery"
         gallery_dir.mkdir()
         gallery_paths = [
-            *gallery_grid(gallery_samples, gallery_dir),
+            *(
+                gallery_grid(gallery_samples, gallery_dir, column=self._gallery_column(gallery))
+                if gallery_samples
+                else []
+            ),
             *render_gallery(gallery_samples, gallery_dir),
         ]
         write_report(
@@ -514,6 +518,12 @@ class SaliencyEvaluationCallback(L.Callback):
             [run_dir / p.relative_to(staging) for p in plot_paths],
             [run_dir / p.relative_to(staging) for p in gallery_paths],
         )
+
+    @staticmethod
+    def _gallery_column(gallery: list[dict[str, Any]]) -> str:
+        """The overview shows the first explained column: ``top1``, else e.g. ``cell0``."""
+        columns = [column for _, _, column in gallery[0]["maps"]]
+        return "top1" if "top1" in columns else columns[0]
 
     def _run_info(self, trainer: L.Trainer) -> dict[str, str]:
         module = trainer.lightning_module
