@@ -96,6 +96,11 @@ class VAR(SaliencyMethod):
         self.normalise = normalise
         self.temperature_as = temperature_as
 
+    @property
+    def layer(self) -> str | None:
+        """The layer the wrapped method explains (``None`` for methods of the input)."""
+        return getattr(self.base, "layer", None)
+
     def __call__(
         self,
         images: torch.Tensor,
