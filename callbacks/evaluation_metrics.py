@@ -62,6 +62,7 @@ class EvaluationMetric:
     outputs: tuple[str, ...] = ("",)  # suffixes appended to the metric label
     curves: tuple[str, ...] = ()
     description: str = ""
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
     def options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         return {**self.defaults, **kwargs}
@@ -73,6 +74,12 @@ class EvaluationMetric:
                 f"metric {label!r} ({self.name}) has unknown option(s) {sorted(unknown)}; "
                 f"valid: {', '.join(sorted(self.defaults)) or '(none)'}"
             )
+        for option, valid in self.choices.items():
+            if option in kwargs and kwargs[option] not in valid:
+                raise ConfigurationError(
+                    f"metric {label!r} ({self.name}): {option}={kwargs[option]!r} is not one of "
+                    f"{', '.join(map(str, valid))}"
+                )
 
     def needed_keys(self, kwargs: Mapping[str, Any]) -> tuple[str, ...]:
         mask_key = self.options(kwargs).get("mask_key")
@@ -153,7 +160,7 @@ def _confidence_drop(context: MetricContext, options: dict[str, Any]) -> Result:
 
 def _relative_drop(context: MetricContext, options: dict[str, Any]) -> Result:
     maps, classes = _single(context)
-    references = None
+    references = None  # "runner_up": the most probable other class on the original image
     if options["reference"] == "nearest_logit":
         from saliency.targets import LogitNeighbours
 
@@ -264,6 +271,7 @@ METRICS: dict[str, EvaluationMetric] = {
         EvaluationMetric(
             "relative_drop", _SINGLE, _relative_drop, {**_MASKING, "reference": "nearest_logit"},
             description="(p_c − p*_c) − (p_d − p*_d) (Finer-CAM Eq. 10)",
+            choices={"reference": ("nearest_logit", "runner_up")},
         ),
         EvaluationMetric(
             "average_drop", _SINGLE, _drop_increase_gain("average_drop"), {"normalise": True},
@@ -283,7 +291,7 @@ METRICS: dict[str, EvaluationMetric] = {
         ),
         EvaluationMetric(
             "pointing_game", _SINGLE, _pointing, {"mask_key": "mask", "ties": "first"},
-            description="argmax inside the mask",
+            description="argmax inside the mask", choices={"ties": ("first", "any")},
         ),
         EvaluationMetric(
             "aupr", _SINGLE, _aupr, {"mask_key": "mask"}, outputs=("1", "0"),

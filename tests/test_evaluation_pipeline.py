@@ -236,3 +236,17 @@ def test_callback_watches_explanations_during_training(tmp_path):
     metrics = pd.read_csv(tmp_path / "watch" / "metrics.csv")
     values = metrics["eval/grad_cam/feature_agreement"].dropna()
     assert len(values) == 1 and 0.0 <= values.item() <= 1.0
+
+
+def test_metric_options_are_checked_by_name_and_value():
+    from callbacks.evaluation_spec import parse_metrics
+    from saliency.errors import ConfigurationError
+
+    (spec,) = parse_metrics([{"name": "relative_drop", "kwargs": {"reference": "runner_up"}}])
+    assert spec.kwargs["reference"] == "runner_up"
+    with pytest.raises(ConfigurationError, match="nearest_logit, runner_up"):
+        parse_metrics([{"name": "relative_drop", "kwargs": {"reference": "nearest"}}])
+    with pytest.raises(ConfigurationError, match=r"unknown option.*valid: fill, fraction"):
+        parse_metrics([{"name": "confidence_drop", "kwargs": {"fractio": 0.1}}])
+    with pytest.raises(ConfigurationError, match="appears twice"):
+        parse_metrics(["deletion_auc", "deletion_auc"])
