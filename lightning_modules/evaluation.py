@@ -4,6 +4,7 @@ backbone by name with a linear-probe head."""
 from __future__ import annotations
 
 import contextvars
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch import nn
 
 from lightning_modules.backbones import build_backbone
 from lightning_modules.classifier import ClassifierModule
+from lightning_modules.linear_probe import CHECKPOINT_CLASS_KEY, LinearProbeModule
 from lightning_modules.probe_classifier import (
     Pooling,
     ProbeClassifier,
@@ -284,17 +286,34 @@ def _probe(
         ) from error
 
 
-def load_classifier(path: Path) -> ClassifierModule:
+def load_classifier(path: Path) -> ClassifierModule | LinearProbeModule:
+    """A ``train.py`` checkpoint as its module: a :class:`LinearProbeModule` when the checkpoint
+    names that class (``CHECKPOINT_CLASS_KEY``), else a :class:`ClassifierModule`."""
+    module_class, overrides = ClassifierModule, {}
+    if _checkpoint_class(path) == f"{LinearProbeModule.__module__}.{LinearProbeModule.__name__}":
+        # The checkpoint holds the backbone's weights: do not fetch pretrained ones or read
+        # the training machine's weights file again.
+        module_class, overrides = LinearProbeModule, {"pretrained": False, "weights_path": None}
     try:
         # A fresh context: LightningCLI instantiates the enclosing module with its own
         # hyper-parameters in a context variable that save_hyperparameters() would pick up.
         classifier = contextvars.Context().run(
-            ClassifierModule.load_from_checkpoint, path, map_location="cpu"
+            module_class.load_from_checkpoint, path, map_location="cpu", **overrides
         )
     except (KeyError, RuntimeError, EOFError, OSError) as error:
         raise ConfigurationError(
-            f"cannot load checkpoint {path} as a ClassifierModule: "
+            f"cannot load checkpoint {path} as a {module_class.__name__}: "
             f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         ) from error
     classifier.eval()
     return classifier
+
+
+def _checkpoint_class(path: Path) -> str | None:
+    """The module class a checkpoint names, read without loading its tensors (memory-mapped);
+    None when it names none or cannot be peeked at (the full load then reports the problem)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
+        return None
+    return checkpoint.get(CHECKPOINT_CLASS_KEY) if isinstance(checkpoint, dict) else None

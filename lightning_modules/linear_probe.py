@@ -1,0 +1,258 @@
+"""LinearProbeModule: a linear head trained on a frozen backbone, from cached features."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import nullcontext
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+from datamodules.quad_grid import model_fingerprint
+from lightning_modules.feature_cache import (
+    CachedFeatures,
+    cache_path,
+    cached_split_features,
+    data_identity,
+    extract_features,
+    feature_cache_key,
+    feature_loader,
+    require_deterministic,
+    split_dataset,
+)
+from lightning_modules.probe_classifier import Pooling, ProbeClassifier, build_feature_backbone
+from saliency.errors import ConfigurationError
+
+CHECKPOINT_CLASS_KEY = "classifier_class"
+"""Checkpoint entry naming the module class, read by ``evaluation.load_classifier``."""
+
+
+def probe_adam(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam with learning rate 3e-4, the probe optimiser of Finer-CAM (Sec. 4.1)."""
+    return torch.optim.Adam(parameters, lr=3e-4)
+
+
+class LinearProbeModule(L.LightningModule):
+    """A linear probe ``logits = W φ(x) + b`` on a frozen backbone ``φ`` (Finer-CAM Sec. 4.1 and
+    App. B.3: CLIP / DINOv2 encoders, Adam 3e-4, 100 epochs), trained with cross-entropy on the
+    head only. ``self.model`` is a :class:`ProbeClassifier`, an ordinary images → logits network,
+    so checkpoints load for evaluation and saliency methods explain it (layer paths
+    ``backbone.<name>``). The backbone stays in eval mode, also while the head trains.
+
+    Feature cache (``feature_cache=True``): during ``fit`` the train and val loaders are served
+    by this module instead of the datamodule — ``φ`` of each split is computed once (batched,
+    no gradients, in the trainer's precision), stored under ``cache_dir`` keyed by backbone,
+    weights, pooling, data and split (:mod:`lightning_modules.feature_cache`), read back on
+    later runs, and the loaders yield ``{"features", "label", "index"}`` batches with the
+    datamodule's batch size and the same shuffling. Caching needs deterministic samples: a
+    datamodule with ``train_augment=True`` is refused with a :class:`ConfigurationError` (set
+    ``train_augment: false``, or ``feature_cache: false`` to run the backbone on augmented
+    images every step). Under DDP the local rank 0 computes and the others wait at a barrier,
+    then read the file. Validation and test outside ``fit`` run on images.
+
+    Args:
+        backbone: ``timm:<name>`` or ``torchvision:<name>`` (its classifier removed).
+        num_classes: outputs of the head.
+        pretrained: start from the library's pretrained weights (local cache only offline).
+        weights_path: a state dict of the headless backbone, loaded last.
+        backbone_kwargs: constructor arguments (e.g. a ViT's ``img_size``).
+        pooling: a timm ViT's features: ``default``, ``cls`` (class token) or ``mean_patch``
+            (mean of the patch tokens; Finer-CAM's DINOv2 probe).
+        optimizer: built on the head's parameters; default Adam, lr 3e-4.
+        feature_cache: train on cached features (see above).
+        cache_dir: where the feature files live.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "timm:vit_base_patch16_clip_224.openai",
+        num_classes: int = 10,
+        pretrained: bool = True,
+        weights_path: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        pooling: Pooling = "cls",
+        optimizer: OptimizerCallable = probe_adam,
+        feature_cache: bool = True,
+        cache_dir: str = "outputs/cache/features",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        features, feature_dim = build_feature_backbone(
+            backbone, pretrained, weights_path, pooling, backbone_kwargs
+        )
+        self.model = ProbeClassifier(features, nn.Linear(feature_dim, num_classes), feature_dim)
+        # Lightning keeps submodule modes during fit (it warns that modules are in eval mode:
+        # intended here), and train() below keeps the backbone in eval mode on later calls.
+        self.model.backbone.eval()
+        self.optimizer = optimizer
+        top5 = min(5, num_classes)
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self._split_cache: dict[str, CachedFeatures] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.hparams.num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def train(self, mode: bool = True) -> LinearProbeModule:
+        """Set the head's mode; the frozen backbone always stays in eval mode (no dropout or
+        drop-path, fixed normalisation statistics), as its cached features were computed."""
+        super().train(mode)
+        self.model.backbone.eval()
+        return self
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``W φ(x) + b`` from cached ``features`` or from ``image`` through the backbone."""
+        if "features" in batch:
+            return self.model.head(batch["features"])
+        with torch.no_grad():
+            features = self.model.backbone(batch["image"])
+        return self.model.head(features)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self._logits(batch)
+        loss = F.cross_entropy(logits, batch["label"])
+        accuracy = (logits.argmax(1) == batch["label"]).float().mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc_top1", accuracy, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
+        logits = self._logits(batch)
+        labels = batch["label"]
+        self.val_top1(logits, labels)
+        self.val_top5(logits, labels)
+        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
+        self.log("val/acc_top1", self.val_top1, prog_bar=True)
+        self.log("val/acc_top5", self.val_top5)
+        return {"preds": logits.argmax(1)}
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
+        logits = self._logits(batch)
+        self.test_top1(logits, batch["label"])
+        self.test_top5(logits, batch["label"])
+        self.log("test/acc_top1", self.test_top1)
+        self.log("test/acc_top5", self.test_top5)
+        return {"logits": logits}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer(self.model.head.parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+
+    # ---------------------------------------------------------------- feature cache
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or not self.hparams.feature_cache:
+            return
+        trainer = self.trainer
+        if trainer.datamodule is None:
+            raise ConfigurationError(
+                "feature_cache=true computes features from the datamodule's splits, but fit got "
+                "no datamodule: pass trainer.fit(module, datamodule=...) or set "
+                "feature_cache=false to train on the given dataloaders' images"
+            )
+        self._split_cache = {}
+        # Lightning has no public way to let a module override the datamodule's loaders: point
+        # the fit loop's two data sources at this module's train/val_dataloader (re-attached to
+        # the datamodule by every trainer.fit call; validate/test keep using the datamodule).
+        trainer.fit_loop._data_source.instance = self
+        trainer.fit_loop.epoch_loop.val_loop._data_source.instance = self
+
+    def train_dataloader(self) -> DataLoader:
+        return feature_loader(
+            self._fit_features("train"), _batch_size(self.trainer.datamodule), True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return feature_loader(
+            self._fit_features("val"), _batch_size(self.trainer.datamodule), False
+        )
+
+    def _fit_features(self, split: str) -> CachedFeatures:
+        """Computed at the first loader request, i.e. after a checkpoint is restored and the
+        module is on its device."""
+        trainer = self._trainer
+        if trainer is None or trainer.datamodule is None or not self.hparams.feature_cache:
+            raise ConfigurationError(
+                f"LinearProbeModule has no {split} data of its own: give the trainer a "
+                f"datamodule (with feature_cache=true) or dataloaders of images"
+            )
+        if split not in self._split_cache:
+            self._split_cache[split] = self.cached_features(trainer.datamodule, split)
+        return self._split_cache[split]
+
+    def backbone_identity(self) -> dict[str, Any]:
+        """What the features depend on besides the data: backbone name, constructor arguments,
+        pooling, a hash of its weights and the trainer's precision."""
+        trainer = self._trainer
+        return {
+            "name": self.hparams.backbone,
+            "backbone_kwargs": self.hparams.backbone_kwargs,
+            "pooling": self.hparams.pooling,
+            "feature_dim": self.model.head.in_features,
+            "weights": model_fingerprint(self.model.backbone),
+            "precision": "32-true" if trainer is None else str(trainer.precision),
+        }
+
+    def cache_key(self, datamodule: Any, split: str) -> dict[str, Any]:
+        """The cache key of ``split`` of ``datamodule`` (:func:`feature_cache_key`)."""
+        dataset = split_dataset(datamodule, split)
+        return feature_cache_key(
+            self.backbone_identity(), data_identity(datamodule, dataset, split)
+        )
+
+    def cached_features(self, datamodule: Any, split: str) -> CachedFeatures:
+        """``φ`` of every sample of ``split`` of ``datamodule``: read from ``cache_dir``, else
+        computed once (on this module's device, the datamodule's batch size and workers) and
+        written there. Refuses splits whose samples are not deterministic."""
+        dataset = split_dataset(datamodule, split)
+        require_deterministic(datamodule, dataset, split)
+        key = feature_cache_key(self.backbone_identity(), data_identity(datamodule, dataset, split))
+        path = cache_path(self.hparams.cache_dir, key, f"{self.hparams.backbone}-{split}")
+        trainer = self._trainer
+
+        def compute() -> CachedFeatures:
+            return extract_features(
+                self.model.backbone,
+                dataset,
+                batch_size=_batch_size(datamodule),
+                device=self.device,
+                num_workers=int(getattr(datamodule, "num_workers", 0)),
+                forward_context=(
+                    nullcontext if trainer is None else trainer.precision_plugin.forward_context
+                ),
+            )
+
+        if trainer is None:
+            return cached_split_features(path, key, compute)
+        return cached_split_features(
+            path,
+            key,
+            compute,
+            compute_here=trainer.local_rank == 0,
+            barrier=lambda: trainer.strategy.barrier("linear_probe_feature_cache"),
+        )
+
+
+def _batch_size(datamodule: Any) -> int:
+    """The datamodule's ``batch_size``, used for extraction and for the feature batches."""
+    batch_size = getattr(datamodule, "batch_size", None)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigurationError(
+            f"feature caching batches like the datamodule's loaders, but "
+            f"{type(datamodule).__name__}.batch_size is {batch_size!r}; expected a positive int"
+        )
+    return batch_size
