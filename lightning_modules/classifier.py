@@ -6,15 +6,14 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_modules.backbones import build_backbone
+from lightning_modules.classification_steps import ClassificationSteps
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(ClassificationSteps, L.LightningModule):
     """A classifier ``model`` (images → logits) with cross-entropy training.
 
     The network lives in ``self.model``; saliency methods receive ``module.model`` and layer
@@ -52,11 +51,8 @@ class ClassifierModule(L.LightningModule):
             backbone, num_classes, pretrained, weights_path, model_kwargs=backbone_kwargs
         )
         self.optimizer = optimizer
-        top5 = min(5, num_classes)
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
-        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.label_smoothing = label_smoothing
+        self.init_accuracy(num_classes)
 
     @property
     def num_classes(self) -> int:
@@ -65,31 +61,8 @@ class ClassifierModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
-        accuracy = (logits.argmax(1) == batch["label"]).float().mean()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc_top1", accuracy, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
-        logits = self(batch["image"])
-        labels = batch["label"]
-        self.val_top1(logits, labels)
-        self.val_top5(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.log("val/acc_top1", self.val_top1, prog_bar=True)
-        self.log("val/acc_top5", self.val_top5)
-        return {"preds": logits.argmax(1)}
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
-        logits = self(batch["image"])
-        self.test_top1(logits, batch["label"])
-        self.test_top5(logits, batch["label"])
-        self.log("test/acc_top1", self.test_top1)
-        self.log("test/acc_top5", self.test_top5)
-        return {"logits": logits}
+    def batch_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self(batch["image"])
 
     def configure_optimizers(self):
         optimizer = self.optimizer(self.parameters())

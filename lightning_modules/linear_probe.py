@@ -8,13 +8,12 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.quad_grid import model_fingerprint
+from lightning_modules.classification_steps import ClassificationSteps
 from lightning_modules.feature_cache import (
     CachedFeatures,
     cache_path,
@@ -38,7 +37,7 @@ def probe_adam(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=3e-4)
 
 
-class LinearProbeModule(L.LightningModule):
+class LinearProbeModule(ClassificationSteps, L.LightningModule):
     """A linear probe ``logits = W φ(x) + b`` on a frozen backbone ``φ`` (Finer-CAM Sec. 4.1 and
     App. B.3: CLIP / DINOv2 encoders, Adam 3e-4, 100 epochs), trained with cross-entropy on the
     head only. ``self.model`` is a :class:`ProbeClassifier`, an ordinary images → logits network,
@@ -91,11 +90,7 @@ class LinearProbeModule(L.LightningModule):
         # intended here), and train() below keeps the backbone in eval mode on later calls.
         self.model.backbone.eval()
         self.optimizer = optimizer
-        top5 = min(5, num_classes)
-        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
-        self.test_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.test_top5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        self.init_accuracy(num_classes)
         self._split_cache: dict[str, CachedFeatures] = {}
 
     @property
@@ -112,39 +107,13 @@ class LinearProbeModule(L.LightningModule):
         self.model.backbone.eval()
         return self
 
-    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def batch_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``W φ(x) + b`` from cached ``features`` or from ``image`` through the backbone."""
         if "features" in batch:
             return self.model.head(batch["features"])
         with torch.no_grad():
             features = self.model.backbone(batch["image"])
         return self.model.head(features)
-
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self._logits(batch)
-        loss = F.cross_entropy(logits, batch["label"])
-        accuracy = (logits.argmax(1) == batch["label"]).float().mean()
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc_top1", accuracy, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
-        logits = self._logits(batch)
-        labels = batch["label"]
-        self.val_top1(logits, labels)
-        self.val_top5(logits, labels)
-        self.log("val/loss", F.cross_entropy(logits, labels), sync_dist=True)
-        self.log("val/acc_top1", self.val_top1, prog_bar=True)
-        self.log("val/acc_top5", self.val_top5)
-        return {"preds": logits.argmax(1)}
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict:
-        logits = self._logits(batch)
-        self.test_top1(logits, batch["label"])
-        self.test_top5(logits, batch["label"])
-        self.log("test/acc_top1", self.test_top1)
-        self.log("test/acc_top5", self.test_top5)
-        return {"logits": logits}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer(self.model.head.parameters())
