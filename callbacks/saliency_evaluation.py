@@ -233,7 +233,6 @@ class SaliencyEvaluationCallback(L.Callback):
         grid = [i for i, c in enumerate(columns) if c.startswith("cell")]
         if combination.spec.name != "var" or not grid:
             return combination.maps(images, classes)
-        maps = torch.empty(0)
         rest = [i for i in range(len(columns)) if i not in grid]
         grid_maps = combination.maps(
             images, classes[:, grid], class_set=batch["grid_labels"].to(classes.device)
