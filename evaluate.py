@@ -18,8 +18,9 @@ from collections.abc import Sequence
 
 def main(argv: Sequence[str] | None = None):
     import lightning as L
+    import numpy as np
 
-    from callbacks.saliency_evaluation import SaliencyEvaluationCallback
+    from callbacks.saliency_evaluation import CONFUSION_FROM_VALIDATION, SaliencyEvaluationCallback
     from datamodules.test_subset import sample_test_split
     from lightning_modules.cli import CONFIG_DIR, ProjectCLI, alias_seed, finish_wandb
     from lightning_modules.evaluation import SaliencyEvaluationModule
@@ -58,17 +59,37 @@ def main(argv: Sequence[str] | None = None):
         sample_test_split(cli.datamodule, evaluation.sample_size, evaluation.sample_seed)
     else:
         cli.datamodule.setup("test")
-    evaluation.prepare(
-        cli.model.network,
-        cli.datamodule.test_dataloader().dataset[0],
-        cli.model.confusion_matrix_path,
-        trainer.strategy.root_device.type,
-    )
+    sample = cli.datamodule.test_dataloader().dataset[0]
+    device_type = trainer.strategy.root_device.type
+    matrix = cli.model.confusion_matrix_path
+    if evaluation.confusion_matrix == CONFUSION_FROM_VALIDATION:
+        evaluation.confusion_matrix = None
+        # check the whole config with a stand-in matrix before the validation pass
+        stand_in = np.ones((cli.model.num_classes, cli.model.num_classes))
+        evaluation.prepare(cli.model.network, sample, stand_in, device_type)
+        matrix = _validation_confusion_matrix(cli, trainer)
+    evaluation.prepare(cli.model.network, sample, matrix, device_type)
     trainer.test(cli.model, datamodule=cli.datamodule)
     finish_wandb(trainer)
     if trainer.is_global_zero:
         _report(cli, evaluation)
     return evaluation
+
+
+def _validation_confusion_matrix(cli, trainer):
+    """CASE's contrast classes for a model without a training run (e.g. pretrained): its
+    confusion matrix on the datamodule's validation split, each sample counted once (also
+    under DDP), saved as ``<run_dir>/confusion_matrix.{npy,csv}``."""
+    from callbacks.confusion_matrix import ConfusionMatrixCallback
+
+    callback = ConfusionMatrixCallback(output_dir=str(cli.run_dir))
+    trainer.callbacks.append(callback)
+    try:
+        trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    finally:
+        trainer.callbacks.remove(callback)
+    trainer.strategy.barrier()  # rank zero has written the file
+    return cli.run_dir / "confusion_matrix.npy"
 
 
 def _report(cli, evaluation) -> None:

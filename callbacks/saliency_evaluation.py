@@ -50,6 +50,7 @@ from saliency.metrics.per_sample import PerSampleValues
 
 log = logging.getLogger(__name__)
 INPUT_LAYER = "input"  # the layer label of methods that explain the input (no layer)
+CONFUSION_FROM_VALIDATION = "validate"  # evaluation.confusion_matrix: computed by evaluate.py
 
 
 class _Combination:
@@ -80,11 +81,14 @@ class SaliencyEvaluationCallback(L.Callback):
         sample_size / sample_seed: evaluate a fixed random sample of the test split
             (``evaluate.py`` restricts the loader: :func:`datamodules.test_subset.sample_test_split`).
         confusion_matrix: ``.npy``/``.csv`` for ``confusion`` selectors; default: the one the
-            training run saved next to the checkpoint.
+            training run saved next to the checkpoint. ``validate``: ``evaluate.py`` first
+            computes it on the datamodule's validation split (each sample once, also under
+            DDP) and saves it in the run directory (pretrained models have no training run).
         perturbation_batch_size: images per forward pass of perturbation metrics.
         gallery_size: samples (the lowest indices) whose maps are drawn in ``gallery/``.
-        sanity_check: ``{samples, measure, max_steps, seed}`` to run cascading randomisation on
-            the gallery samples (``null`` = off).
+        sanity_check: cascading randomisation (Adebayo et al. 2018; VAR Fig. 6) on the first
+            ``samples`` gallery samples (``null`` = off): ``{samples, measures, target,
+            max_steps, seed, order, group_depth}`` (:func:`_check_sanity_options`).
         autocast: run methods and metrics under CUDA autocast (float16); CUDA only.
         every_n_epochs / validation_batches: evaluate during ``fit`` (off by default).
         title: study title for ``report.md``.
@@ -133,7 +137,7 @@ class SaliencyEvaluationCallback(L.Callback):
         self.confusion_matrix = confusion_matrix
         self.perturbation_batch_size = perturbation_batch_size
         self.gallery_size = gallery_size
-        self.sanity_check = _check_sanity_options(sanity_check)
+        self.sanity_check = _check_sanity_options(sanity_check, gallery_size)
         self.autocast = autocast
         self.every_n_epochs = every_n_epochs
         self.validation_batches = validation_batches
@@ -164,7 +168,7 @@ class SaliencyEvaluationCallback(L.Callback):
         self,
         network: torch.nn.Module,
         sample: dict[str, Any],
-        confusion_matrix: str | Path | None = None,
+        confusion_matrix: str | Path | np.ndarray | None = None,
         device_type: str = "cpu",
     ) -> None:
         """Check the config against the model and the data and build every method — before
@@ -195,10 +199,16 @@ class SaliencyEvaluationCallback(L.Callback):
                     f"with annotations (shapes, CUB, COCO)"
                 )
         matrix = self.confusion_matrix or confusion_matrix
-        if matrix is not None and not Path(matrix).is_file():
+        if isinstance(matrix, str) and matrix == CONFUSION_FROM_VALIDATION:
+            raise ConfigurationError(
+                f"evaluation.confusion_matrix={CONFUSION_FROM_VALIDATION!r} is resolved by "
+                f"evaluate.py (it validates first); call prepare() with the computed matrix"
+            )
+        if isinstance(matrix, (str, Path)) and not Path(matrix).is_file():
             raise ConfigurationError(f"confusion matrix not found: {matrix}")
         self._matrix = matrix
         self.combinations = self._build(network, matrix)
+        self._sanity_order(network)  # a wrong layer name fails now, not after the evaluation
 
     def _build(self, network: torch.nn.Module, matrix: str | Path | None) -> list[_Combination]:
         from saliency.methods import create_method
@@ -417,35 +427,79 @@ class SaliencyEvaluationCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         gallery = sorted({g["index"]: g for g in gallery}.values(), key=lambda g: g["index"])
-        self.sanity = self._run_sanity_check(pl_module.network, gallery)
+        self.sanity = self._run_sanity_check(pl_module, gallery)
         self._write_results(trainer, gallery)
 
     # ---------------------------------------------------------------------- outputs, W&B
-    def _run_sanity_check(self, network, gallery) -> pd.DataFrame | None:
+    def _sanity_order(self, network: torch.nn.Module) -> list[str] | None:
+        """The sanity check's randomisation order (``None``: every parameterised layer), checked
+        against ``network``."""
+        if self.sanity_check is None:
+            return None
+        from saliency.metrics.functional import (
+            grouped_randomisation_order,
+            resolve_randomisation_order,
+        )
+
+        order, depth = self.sanity_check["order"], self.sanity_check["group_depth"]
+        if depth is not None:
+            order = grouped_randomisation_order(network, depth)
+        try:
+            return resolve_randomisation_order(network, order)
+        except (TypeError, ValueError) as error:
+            raise ConfigurationError(f"evaluation.sanity_check.order: {error}") from error
+
+    def _sanity_bases(self) -> dict[str, str]:
+        """Label of each method → label of the line it shares a colour with: a VAR method's
+        plain base method in this run (same name and ``base_kwargs``), else itself."""
+        bases = {}
+        for spec in self.method_specs:
+            bases[spec.label] = spec.label
+            base = spec.kwargs.get("base", "grad_cam")
+            if spec.name != "var" or not isinstance(base, str):
+                continue
+            wrapped = dict(spec.kwargs.get("base_kwargs") or {})
+            plain = [s for s in self.method_specs if s.name == base]
+            plain.sort(key=lambda s: dict(s.kwargs) != wrapped)  # same options first
+            if plain:
+                bases[spec.label] = plain[0].label
+        return bases
+
+    def _run_sanity_check(self, pl_module: L.LightningModule, gallery) -> pd.DataFrame | None:
+        """Cascading randomisation of ``pl_module.network`` on the first gallery samples
+        (:func:`callbacks.sanity_checks.randomisation_curves`), every method and layer of the
+        run, all configured measures in one pass."""
         if self.sanity_check is None or not gallery:
             return None
         from callbacks.sanity_checks import randomisation_curves
+        from saliency.methods import create_method
 
+        network = pl_module.network
         chosen = gallery[: self.sanity_check["samples"]]
         device = next(network.parameters()).device
         images = torch.stack([g["image"] for g in chosen]).to(device)
-        logits = network(images)
-        classes = logits.argmax(dim=1)
         matrix = self._matrix
 
         def builder(combination: _Combination):
-            from saliency.methods import create_method
-
             kwargs = resolve_selectors(dict(combination.spec.kwargs), matrix)
             layer = None if combination.layer == INPUT_LAYER else combination.layer
             return lambda model: create_method(combination.spec.name, model, layer=layer, **kwargs)
 
         builders = {(c.spec.label, c.layer): builder(c) for c in self.combinations}
-        return randomisation_curves(
-            network, images, classes, builders,
-            measure=self.sanity_check["measure"], max_steps=self.sanity_check["max_steps"],
+        curves = randomisation_curves(
+            network, images, builders,
+            measures=self.sanity_check["measures"], target=self.sanity_check["target"],
+            order=self._sanity_order(network), max_steps=self.sanity_check["max_steps"],
             seed=self.sanity_check["seed"],
         )  # fmt: skip
+        names = {spec.label: spec.name for spec in self.method_specs}
+        source = getattr(pl_module, "source_name", None)
+        architecture = type(network).__name__
+        return curves.assign(
+            base_method=curves["method"].map(self._sanity_bases()),
+            var=curves["method"].map(names).eq("var"),
+            model=f"{source} ({architecture})" if source else architecture,
+        )
 
     def _write_results(self, trainer: L.Trainer, gallery: list[dict[str, Any]]) -> None:
         from callbacks.report import (
@@ -600,24 +654,73 @@ class SaliencyEvaluationCallback(L.Callback):
             pl_module.log(name, torch.cat(parts).mean(), sync_dist=True)
 
 
-def _check_sanity_options(options: dict[str, Any] | None) -> dict[str, Any] | None:
+def _check_sanity_options(
+    options: dict[str, Any] | None, gallery_size: int | None = None
+) -> dict[str, Any] | None:
+    """``evaluation.sanity_check`` with defaults filled in, checked (``None``: off).
+
+    - ``samples`` (4): the first gallery samples explained; at most ``gallery_size``.
+    - ``measures`` (all: ``spearman_abs, spearman, ssim, hog``, PROTOCOLS.md "Sanity check"):
+      computed from the same maps in one pass; ``measure: <name>`` is short for one.
+    - ``target`` (``randomised_argmax``, the protocol): the class explained on a randomised
+      model is its own argmax; ``original`` keeps the trained model's prediction.
+    - ``order`` (module names, logits first) or ``group_depth`` (blocks by the first n name
+      components, :func:`~saliency.metrics.functional.grouped_randomisation_order`); neither:
+      every parameterised layer is one step. ``max_steps``: only the first steps.
+    - ``seed`` (0): the random values of the re-initialised layers.
+    """
     if options is None:
         return None
-    from callbacks.sanity_checks import MEASURES
+    from callbacks.sanity_checks import MEASURES, TARGETS, check_measures
 
-    defaults = {"samples": 4, "measure": "spearman_abs", "max_steps": None, "seed": 0}
-    unknown = set(options) - set(defaults)
+    defaults = {
+        "samples": 4, "measures": list(MEASURES), "target": "randomised_argmax",
+        "max_steps": None, "seed": 0, "order": None, "group_depth": None,
+    }  # fmt: skip
+    unknown = set(options) - set(defaults) - {"measure"}
     if unknown:
         raise ConfigurationError(
             f"evaluation.sanity_check has unknown key(s) {sorted(unknown)}; valid: "
-            f"{', '.join(defaults)}"
+            f"{', '.join(defaults)} (or measure: <one measure>)"
+        )
+    if "measure" in options and "measures" in options:
+        raise ConfigurationError(
+            "evaluation.sanity_check sets both 'measure' and 'measures'; use measures: [...]"
         )
     merged = {**defaults, **options}
-    if merged["measure"] not in MEASURES:
+    if "measure" in merged:
+        merged["measures"] = [merged.pop("measure")]
+    try:
+        merged["measures"] = list(check_measures(merged["measures"]))
+    except ValueError as error:
+        raise ConfigurationError(f"evaluation.sanity_check.measures: {error}") from error
+    if merged["target"] not in TARGETS:
         raise ConfigurationError(
-            f"evaluation.sanity_check.measure {merged['measure']!r} is not one of "
-            f"{', '.join(MEASURES)}"
+            f"evaluation.sanity_check.target {merged['target']!r} is not one of "
+            f"{', '.join(TARGETS)}"
         )
+    for key, minimum in (("samples", 1), ("max_steps", 1), ("group_depth", 1)):
+        value = merged[key]
+        valid = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        if value is not None and not valid:
+            raise ConfigurationError(
+                f"evaluation.sanity_check.{key} must be an integer ≥ {minimum}, got {value!r}"
+            )
+    if merged["order"] is not None and merged["group_depth"] is not None:
+        raise ConfigurationError(
+            "evaluation.sanity_check sets both 'order' and 'group_depth'; choose one"
+        )
+    if isinstance(merged["order"], str):
+        raise ConfigurationError(
+            f"evaluation.sanity_check.order must be a list of module names, got the string "
+            f"{merged['order']!r}"
+        )
+    if gallery_size is not None and merged["samples"] > gallery_size:
+        log.warning(
+            "evaluation.sanity_check.samples=%d but gallery_size=%d: the sanity check runs on "
+            "the gallery samples, so only %d are used; raise evaluation.gallery_size",
+            merged["samples"], gallery_size, gallery_size,
+        )  # fmt: skip
     return merged
 
 

@@ -192,6 +192,16 @@ class SaliencyEvaluationModule(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"logits": self(batch["image"])}
 
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        """Predictions for ``evaluation.confusion_matrix: validate`` (CASE's contrast classes)."""
+        with torch.no_grad():
+            return {"preds": self(batch["image"]).argmax(dim=1)}
+
+    def on_validation_start(self) -> None:
+        self.on_test_start()
+
     def on_test_start(self) -> None:
         data_classes = getattr(self.trainer.datamodule, "num_classes", None)
         if data_classes is not None and data_classes != self.num_classes:

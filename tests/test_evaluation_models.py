@@ -174,3 +174,35 @@ def test_checkpoint_source_finds_the_training_runs_confusion_matrix(trained_run,
     shutil.copy(checkpoint, copy)
     copied = SaliencyEvaluationModule(checkpoint=str(copy))
     assert copied.confusion_matrix_path is None and copied.source_name == "copied-run"
+
+
+def test_confusion_matrix_validate_equals_the_training_runs_matrix(trained_run, tmp_path):
+    """``evaluation.confusion_matrix: validate`` (models without a training run) computes the
+    matrix on the validation split before evaluating: on a copy of a checkpoint without its
+    run's matrix it must reproduce the matrix train.py saved for the same weights and split."""
+    import numpy as np
+
+    import evaluate
+    from tests.conftest import TINY_DATA
+
+    copy = tmp_path / "bare-run" / "checkpoints" / "last.ckpt"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(trained_run / "checkpoints" / "last.ckpt", copy)
+    evaluate.main(
+        [
+            "--model.checkpoint", str(copy),
+            "--seed", "5",  # the training run's seed: the same shapes splits
+            "--run_name", "validated", "--output_dir", str(tmp_path),
+            "--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false",
+            *TINY_DATA,
+            "--evaluation.methods",
+            "[{name: case, kwargs: {contrast: {selector: confusion, k: 1}}}]",
+            "--evaluation.metrics", "[feature_agreement]",
+            "--evaluation.targets", "[top1_vs_top2]",
+            "--evaluation.confusion_matrix", "validate",
+            "--evaluation.gallery_size", "0",
+        ]
+    )  # fmt: skip
+    computed = np.load(tmp_path / "validated" / "confusion_matrix.npy")
+    np.testing.assert_array_equal(computed, np.load(trained_run / "confusion_matrix.npy"))
+    assert computed.sum() == 30  # each of the 30 validation samples once
