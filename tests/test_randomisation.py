@@ -10,6 +10,7 @@ from torchvision.models import resnet18
 from saliency.metrics.functional.randomisation import (
     cascading_randomisation,
     default_randomisation_order,
+    grouped_randomisation_order,
     independent_randomisation,
     parameterised_layers,
     randomise_module,
@@ -196,13 +197,100 @@ def test_explicit_block_order(small_net):
     [
         (["head", "nope"], "not a module"),
         (["head", "head"], "more than once"),
-        (["features", "features.0"], "share parameters"),
+        (
+            ["features", "features.0", "features.1", "features.3", "features.4"],
+            "no parameters left",
+        ),
         (["features.2"], "no parameters"),
     ],
 )
 def test_invalid_orders(small_net, order, message):
     with pytest.raises(ValueError, match=message):
         next(cascading_randomisation(small_net, order))
+
+
+def test_nested_names_randomise_the_innermost_first(small_net):
+    """A parameter belongs to the most specific name containing it: "features.0" on its own,
+    then the rest of "features"."""
+    order = ["head", "features.0", "features"]
+    steps = [(n, _snapshot(m)) for n, m in cascading_randomisation(small_net, order, seed=4)]
+    assert [n for n, _ in steps] == order
+    before = _snapshot(small_net)
+    assert _changed(before, steps[0][1]) == _subtree_parameter_keys(small_net, "head")
+    assert _changed(steps[0][1], steps[1][1]) == _direct_parameter_keys(small_net, "features.0")
+    rest = _subtree_parameter_keys(small_net, "features") - _direct_parameter_keys(
+        small_net, "features.0"
+    )
+    assert _changed(steps[1][1], steps[2][1]) == rest
+    # independent mode: each step alone changes exactly its cascade step's keys, to the
+    # same values
+    states = [before] + [state for _, state in steps]
+    for index, (name, model) in enumerate(independent_randomisation(small_net, order, seed=4)):
+        step_keys = _changed(states[index], states[index + 1])
+        state = _snapshot(model)
+        assert _changed(before, state) == step_keys, name
+        assert all(torch.equal(state[key], states[index + 1][key]) for key in step_keys)
+
+
+class _RootParameterNet(nn.Module):
+    """Parameters on the root itself (as a ViT's cls_token) next to parameterised children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token = nn.Parameter(torch.linspace(-1.0, 1.0, 8))
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x + self.token))
+
+
+def test_root_parameters_are_the_last_step_and_only_theirs():
+    model = _pretend_trained(_RootParameterNet())
+    assert default_randomisation_order(model) == ["head", "body", ""]
+    steps = [(n, _snapshot(m)) for n, m in cascading_randomisation(model, seed=1)]
+    assert [n for n, _ in steps] == ["head", "body", ""]
+    assert _changed(steps[1][1], steps[2][1]) == {"token"}
+
+
+def test_tied_weights_rejected():
+    model = _RootParameterNet()
+    model.tied = nn.Linear(8, 3)
+    model.tied.weight = model.head.weight
+    with pytest.raises(ValueError, match="share parameters"):
+        next(cascading_randomisation(model, ["head", "tied", "body"]))
+
+
+def _conv_block(channels_in: int, channels_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels_in, channels_out, 3), nn.BatchNorm2d(channels_out))
+
+
+def test_grouped_order_is_block_wise():
+    # the layout of lightning_modules.small_cnn.SmallCNN: stages of (pool,) conv blocks
+    model = nn.Module()
+    model.features = nn.Sequential(
+        nn.Sequential(_conv_block(3, 4)),
+        nn.Sequential(nn.MaxPool2d(2), _conv_block(4, 8), _conv_block(8, 8)),
+    )
+    model.classifier = nn.Linear(8, 4)
+    assert grouped_randomisation_order(model, 3) == [
+        "classifier",
+        "features.1.2",
+        "features.1.1",
+        "features.0.0",
+    ]
+    assert grouped_randomisation_order(model, 1) == ["classifier", "features"]
+    resnet = resnet18(weights=None, num_classes=10)
+    order = grouped_randomisation_order(resnet, 2)
+    assert order == [
+        "fc", "layer4.1", "layer4.0", "layer3.1", "layer3.0", "layer2.1", "layer2.0",
+        "layer1.1", "layer1.0", "bn1", "conv1",
+    ]  # fmt: skip
+    steps = [n for n, _ in cascading_randomisation(resnet, order)]
+    assert steps == order
+    assert grouped_randomisation_order(_RootParameterNet(), 2)[-1] == ""
+    with pytest.raises(ValueError, match="positive integer"):
+        grouped_randomisation_order(model, 0)
 
 
 def test_string_order_rejected(small_net):

@@ -358,7 +358,7 @@ def pic_curves(curves: pd.DataFrame, directory: Path) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------
-# Cascading-randomisation sanity check (Adebayo et al. 2018, Fig. 2/4)
+# Cascading-randomisation sanity check (Adebayo et al. 2018, Fig. 4; VAR Fig. 6)
 # --------------------------------------------------------------------------------------------
 
 
@@ -376,12 +376,52 @@ def similarity_range(measure: str, values: np.ndarray) -> tuple[float, float]:
     return low, 1.0
 
 
-def build_sanity_figure(sanity: pd.DataFrame, *, layer: str, measure: str) -> Figure:
+_SANITY_MEASURE_TEXT = {
+    "spearman_abs": "Spearman rank correlation of |maps|",
+    "spearman": "Spearman rank correlation of the signed maps",
+    "ssim": "SSIM of the maps scaled to [0, 1]",
+    "hog": "Spearman rank correlation of the maps' HOG features",
+}
+_SANITY_TARGET_TEXT = {
+    "randomised_argmax": "explained: each randomised model's own prediction",
+    "original": "explained: the trained model's prediction at every step",
+}
+
+
+def _sanity_line_keys(selected: pd.DataFrame) -> list[tuple[str, str, str, bool]]:
+    """``(method, layer, colour key, with VAR)`` per line, in order of appearance. The colour
+    key is the base method's (``base_method`` column; default the method itself) at its layer,
+    so a method and its VAR variant share a colour; ``var`` (default False) marks VAR lines."""
+    method = selected["method"].astype(str)
+    base = selected["base_method"] if "base_method" in selected.columns else method
+    base = base.fillna("").astype(str).where(lambda b: b != "", method)
+    var = selected["var"].astype(bool) if "var" in selected.columns else method.map(lambda _: False)
+    rows = zip(method, selected["layer"].astype(str), base, var, strict=True)
+    return [(m, layer, f"{b}@{layer}", bool(v)) for m, layer, b, v in _ordered(rows)]
+
+
+def _single_value(frame: pd.DataFrame, column: str) -> str | None:
+    if column not in frame:
+        return None
+    values = [str(v) for v in _ordered(frame[column].dropna())]
+    return ", ".join(values) if values else None
+
+
+def build_sanity_figure(sanity: pd.DataFrame, *, measure: str, layer: str | None = None) -> Figure:
     """Mean similarity of the maps after cascading randomisation (logits → input) to the
-    original maps vs the last randomised layer, one line per method (Adebayo et al. 2018,
-    Sec. 3.1; a method that depends on the weights drops towards 0)."""
+    original maps, one line per (method, layer) — VAR Fig. 6 / Adebayo et al. (2018) Fig. 4.
+
+    x: the randomisation steps labelled by the layer (or block) randomised last, from the
+    logits towards the input (top axis: % of the steps done, VAR's x axis); y: the ``measure``.
+    A method and its VAR variant (``base_method`` / ``var`` columns, written by the evaluation
+    callback) share a colour, the VAR line dashed. With ``sd`` and ``n`` columns a band of
+    ±1 standard error is drawn. ``layer`` restricts to one layer (default: all). The title
+    names the ``model`` and ``target`` recorded in the frame.
+    """
     require_columns(sanity, SANITY_COLUMNS, "sanity")
-    selected = sanity[(sanity["layer"] == layer) & (sanity["measure"] == measure)]
+    selected = sanity[sanity["measure"] == measure]
+    if layer is not None:
+        selected = selected[selected["layer"] == layer]
     if selected.empty:
         raise ValueError(f"sanity has no rows for layer={layer!r}, measure={measure!r}")
     steps = selected[["step_index", "step"]].drop_duplicates().sort_values("step_index")
@@ -390,46 +430,82 @@ def build_sanity_figure(sanity: pd.DataFrame, *, layer: str, measure: str) -> Fi
         raise ValueError(f"sanity step_index must name one step; got {clash.to_dict('records')}")
     values = selected["similarity"].to_numpy(np.float64)
     low, high = similarity_range(measure, values)
-    methods = _ordered(selected["method"])
-    colours = _colours(methods)
-    figure = Figure(figsize=(max(6.4, 0.45 * len(steps) + 3.0), 5.2), layout="constrained")
+    lines = _sanity_line_keys(selected)
+    colours = _colours(_ordered(key for _, _, key, _ in lines))
+    several_layers = any(
+        len({line_layer for m, line_layer, _, _ in lines if m == method}) > 1
+        for method, _, _, _ in lines
+    )
+    figure = Figure(figsize=(max(8.5, 0.45 * len(steps) + 4.0), 6.0), layout="constrained")
     ax = figure.subplots()
-    for method in methods:
-        points = selected[selected["method"] == method].sort_values("step_index", kind="stable")
+    for method, line_layer, key, is_var in lines:
+        points = selected[(selected["method"] == method) & (selected["layer"] == line_layer)]
+        points = points.sort_values("step_index", kind="stable")
+        x = points["step_index"].to_numpy(np.float64)
+        y = points["similarity"].to_numpy(np.float64)
+        label = f"{method} @ {line_layer}" if several_layers else method
         ax.plot(
-            points["step_index"].to_numpy(),
-            points["similarity"].to_numpy(np.float64),
-            color=colours[method],
-            marker="o",
-            label=method,
-        )
+            x, y, color=colours[key], linestyle="--" if is_var else "-", marker="o",
+            markersize=4, label=label + (" (VAR)" if is_var else ""),
+        )  # fmt: skip
+        if {"sd", "n"} <= set(points.columns):
+            error = points["sd"].to_numpy(np.float64) / np.sqrt(
+                np.maximum(points["n"].to_numpy(np.float64), 1.0)
+            )
+            ax.fill_between(x, y - error, y + error, color=colours[key], alpha=0.12, linewidth=0)
     if low < 0:
         ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xticks(steps["step_index"].to_numpy(), labels=list(steps["step"]))
     ax.tick_params(axis="x", labelrotation=60)
     for tick in ax.get_xticklabels():
         tick.set_horizontalalignment("right")
-    ax.set_ylim(low - 0.02, high + 0.02)
-    ax.set_xlabel("randomised up to layer (cascading from the logits towards the input)")
-    ax.set_ylabel(f"mean similarity to the original map ({measure}, {low:g} to {high:g})")
-    ax.set_title(
-        f"Cascading randomisation sanity check, {measure}\nlayer: {layer} "
-        "(lower similarity after randomisation = passes)"
+    total = max(int(steps["step_index"].max()), 1)
+    top = ax.secondary_xaxis(
+        "top", functions=(lambda s: 100.0 * s / total, lambda p: p * total / 100.0)
     )
+    top.set_xlabel("randomisation steps done (%)")
+    ax.set_ylim(low - 0.02, high + 0.02)
+    ax.set_xlabel("randomised from the logits down to this layer (cumulative, towards the input)")
+    samples = _single_value(selected, "n")
+    band = ", band ±1 s.e." if {"sd", "n"} <= set(selected.columns) else ""
+    ax.set_ylabel(
+        f"similarity to the original map ({measure}, {low:g} to {high:g})\n"
+        f"mean over {samples or 'the'} samples{band}"
+    )
+    model = _single_value(selected, "model")
+    target = _single_value(selected, "target")
+    shown = "; ".join(
+        part
+        for part in (f"model: {model}" if model else "", f"layer: {layer}" if layer else "")
+        if part
+    )
+    target_text = _SANITY_TARGET_TEXT.get(target, f"explained class: {target}") if target else ""
+    title = [
+        f"Cascading randomisation sanity check: {_SANITY_MEASURE_TEXT.get(measure, measure)}",
+        shown,
+        " · ".join(p for p in (target_text, "lower = the map depends on the weights") if p),
+    ]
+    ax.set_title("\n".join(line for line in title if line), fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
+    ax.legend(
+        loc="best",
+        fontsize="small",
+        title="solid: method, dashed: with VAR" if any(v for *_, v in lines) else None,
+        title_fontsize="small",
+    )
     return figure
 
 
 def sanity_curves(sanity: pd.DataFrame, directory: Path) -> list[Path]:
-    """One PNG per (layer, measure) of :func:`build_sanity_figure`; ``[]`` for an empty input."""
+    """One PNG per similarity measure of :func:`build_sanity_figure` (every method and layer in
+    one panel); ``[]`` for an empty input."""
     if sanity.empty:
         return []
     require_columns(sanity, SANITY_COLUMNS, "sanity")
     paths = []
-    for layer, measure in _ordered(zip(sanity["layer"], sanity["measure"], strict=True)):
-        figure = build_sanity_figure(sanity, layer=layer, measure=measure)
-        paths.append(save_figure(figure, Path(directory) / f"{slug('sanity', layer, measure)}.png"))
+    for measure in _ordered(sanity["measure"]):
+        figure = build_sanity_figure(sanity, measure=measure)
+        paths.append(save_figure(figure, Path(directory) / f"{slug('sanity', measure)}.png"))
     return paths
 
 

@@ -50,8 +50,10 @@ from saliency.metrics.functional.pic import (
 from saliency.metrics.functional.randomisation import (
     cascading_randomisation,
     default_randomisation_order,
+    grouped_randomisation_order,
     independent_randomisation,
     randomise_module,
+    resolve_randomisation_order,
 )
 from saliency.metrics.functional.representation import (
     ClassChannelActivity,
@@ -88,6 +90,7 @@ __all__ = [
     "grid_cell_masks",
     "grid_pointing_game",
     "grid_region_scores",
+    "grouped_randomisation_order",
     "hog_features",
     "hog_similarity",
     "increase_in_confidence",
@@ -105,6 +108,7 @@ __all__ = [
     "randomise_module",
     "region_scores",
     "relative_drop",
+    "resolve_randomisation_order",
     "soft_mask_confidences",
     "softmax_scores",
     "spearman_similarity",

@@ -22,7 +22,16 @@ the **reverse of registration order** (``model.named_modules()``), which for tor
 classifiers equals reverse forward order, i.e. output (logits) → input. Where registration and
 forward order differ, pass ``order`` explicitly: a list of module names, each of which may also
 be a block (all parameterised modules inside it are randomised together in that step, as in
-Adebayo et al.'s block-wise Inception-v3 order ``Logits, Mixed_7c, Mixed_7b, …``).
+Adebayo et al.'s block-wise Inception-v3 order ``Logits, Mixed_7c, Mixed_7b, …``);
+:func:`grouped_randomisation_order` builds such a block order from the module names.
+
+**Which parameters a step changes.** Every parameterised module belongs to the step of the
+*most specific* name of ``order`` that contains it (the name itself or its nearest listed
+ancestor). Names may therefore be nested: ``["head", "features.0", "features"]`` randomises
+``features.0`` on its own and then the rest of ``features``; the root ``""`` (a ViT's
+``cls_token`` / ``pos_embed``) randomises only what no other step claims. A step whose modules
+are all claimed by more specific names is an error, and so is a parameter reachable under two
+names that are not nested (tied weights).
 
 All randomisation happens on a deep copy; the model passed in is never modified. Randomness is
 seeded per step (independent of the global RNG, whose CPU and CUDA states are restored).
@@ -58,7 +67,50 @@ def default_randomisation_order(model: nn.Module) -> list[str]:
     return parameterised_layers(model)[::-1]
 
 
-def _resolve_order(model: nn.Module, order: Sequence[str] | None) -> list[str]:
+def grouped_randomisation_order(model: nn.Module, depth: int) -> list[str]:
+    """Block order output → input: :func:`parameterised_layers` grouped by the first ``depth``
+    components of their dotted names, groups in reverse order of their first layer.
+
+    Adebayo et al. (2018, Sec. 3.1) randomise Inception-v3 block by block; this gives the same
+    kind of order for any network: ``depth=2`` turns a torchvision / timm ResNet into
+    ``fc, layer4.2, layer4.1, …, layer1.0, bn1, conv1`` and ``depth=3`` the small CNN of the
+    embedded benchmark into ``classifier, features.3.2, features.3.1, …, features.0.0`` (one
+    conv + batch-norm block per step). A layer with fewer components is its own group, and
+    the root's own parameters (``""``) form the last group.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be a positive integer (name components), got {depth!r}")
+    groups: list[str] = []
+    for name in parameterised_layers(model):
+        group = ".".join(name.split(".")[:depth]) if name else ""
+        if group not in groups:
+            groups.append(group)
+    return groups[::-1]
+
+
+def _contains(ancestor: str, name: str) -> bool:
+    """Whether module ``name`` lies inside module ``ancestor`` (itself included)."""
+    return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
+
+
+def _step_targets(model: nn.Module, names: list[str]) -> list[list[nn.Module]]:
+    """For each name of the (checked) order, the parameterised modules its step randomises:
+    those whose most specific containing name of the order is that name."""
+    steps: dict[str, list[nn.Module]] = {name: [] for name in names}
+    for module_name, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+        owners = [name for name in names if _contains(name, module_name)]
+        if owners:
+            steps[max(owners, key=len)].append(module)  # nested: the longest is innermost
+    return [steps[name] for name in names]
+
+
+def resolve_randomisation_order(model: nn.Module, order: Sequence[str] | None) -> list[str]:
+    """``order`` (default :func:`default_randomisation_order`) as a list, checked against
+    ``model``: every name a module with parameters, none twice, every step left with modules of
+    its own (nesting rules in the module docstring), no parameter in two steps (tied weights).
+    Raises ``ValueError`` (``TypeError`` for a single string) naming the problem."""
     if isinstance(order, str):
         raise TypeError("order must be a sequence of module names, not a single string")
     names = default_randomisation_order(model) if order is None else list(order)
@@ -66,23 +118,28 @@ def _resolve_order(model: nn.Module, order: Sequence[str] | None) -> list[str]:
     if len(set(names)) != len(names):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         raise ValueError(f"order names a module more than once: {duplicates}")
-    owner: dict[int, str] = {}
     for name in names:
         if name not in modules:
             raise ValueError(
                 f"order names {name!r}, which is not a module of {type(model).__name__}; "
                 "use names from model.named_modules()"
             )
-        parameters = list(modules[name].parameters())
-        if not parameters:
+        if next(modules[name].parameters(), None) is None:
             raise ValueError(f"module {name!r} has no parameters to randomise")
-        for parameter in parameters:
+    owner: dict[int, str] = {}
+    for name, targets in zip(names, _step_targets(model, names), strict=True):
+        if not targets:
+            raise ValueError(
+                f"module {name!r} has no parameters left to randomise: every parameterised "
+                "module inside it is named more specifically in the order"
+            )
+        for parameter in (p for target in targets for p in target.parameters(recurse=False)):
             previous = owner.setdefault(id(parameter), name)
             if previous != name:
                 raise ValueError(
-                    f"modules {previous!r} and {name!r} share parameters (nested blocks or tied "
-                    "weights); each step must randomise a disjoint set of parameters — pass an "
-                    "explicit order without overlaps"
+                    f"modules {previous!r} and {name!r} share parameters (tied weights); each "
+                    "step must randomise a disjoint set of parameters — pass an explicit order "
+                    "that names the tied modules together"
                 )
     return names
 
@@ -152,15 +209,30 @@ def randomise_module(
     modules. Randomness comes from ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``,
     so the result is deterministic and the caller's CPU/CUDA RNG state is untouched.
     """
+    targets = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
+    if not targets:
+        raise ValueError(f"{type(module).__name__} has no parameters to randomise")
+    _randomise_targets(
+        targets, seed=seed, init=init, reset_running_stats=reset_running_stats, device=module
+    )
+
+
+def _randomise_targets(
+    targets: Sequence[nn.Module],
+    *,
+    seed: int,
+    init: Init,
+    reset_running_stats: bool,
+    device: nn.Module,
+) -> None:
+    """Re-initialise the direct parameters of each of ``targets`` (see :func:`randomise_module`);
+    ``device`` is the module whose CUDA RNG states are saved and restored."""
     if isinstance(init, str) and init not in ("reinit", "normal"):
         raise ValueError(f"init must be 'reinit', 'normal' or a callable, got {init!r}")
     if not isinstance(init, str) and not callable(init):
         raise TypeError(f"init must be 'reinit', 'normal' or a callable, got {type(init)}")
     initialise = {"reinit": _reinit_, "normal": _normal_}[init] if isinstance(init, str) else init
-    targets = [m for m in module.modules() if next(m.parameters(recurse=False), None) is not None]
-    if not targets:
-        raise ValueError(f"{type(module).__name__} has no parameters to randomise")
-    with torch.random.fork_rng(devices=_cuda_devices(module)), torch.no_grad():
+    with torch.random.fork_rng(devices=_cuda_devices(device)), torch.no_grad():
         torch.manual_seed(seed)
         for target in targets:
             kept = [
@@ -199,14 +271,16 @@ def cascading_randomisation(
     large networks: compute what you need before advancing); with ``copy_each_step`` every
     yielded model is an independent copy.
     """
-    names = _resolve_order(model, order)
+    names = resolve_randomisation_order(model, order)
     working = copy.deepcopy(model)
-    for name, step_seed in zip(names, _step_seeds(seed, len(names)), strict=True):
-        randomise_module(
-            working.get_submodule(name),
+    steps = zip(names, _step_targets(working, names), _step_seeds(seed, len(names)), strict=True)
+    for name, targets, step_seed in steps:
+        _randomise_targets(
+            targets,
             seed=step_seed,
             init=init,
             reset_running_stats=reset_running_stats,
+            device=working,
         )
         yield name, (copy.deepcopy(working) if copy_each_step else working)
 
@@ -227,10 +301,16 @@ def independent_randomisation(
     randomisation as :func:`cascading_randomisation`; the working copy is restored from
     ``model`` after each step (yielded models are the same object unless ``copy_each_step``).
     """
-    names = _resolve_order(model, order)
+    names = resolve_randomisation_order(model, order)
     working = copy.deepcopy(model)
-    for name, step_seed in zip(names, _step_seeds(seed, len(names)), strict=True):
-        target = working.get_submodule(name)
-        randomise_module(target, seed=step_seed, init=init, reset_running_stats=reset_running_stats)
+    steps = zip(names, _step_targets(working, names), _step_seeds(seed, len(names)), strict=True)
+    for name, targets, step_seed in steps:
+        _randomise_targets(
+            targets,
+            seed=step_seed,
+            init=init,
+            reset_running_stats=reset_running_stats,
+            device=working,
+        )
         yield name, (copy.deepcopy(working) if copy_each_step else working)
-        target.load_state_dict(model.get_submodule(name).state_dict())
+        working.get_submodule(name).load_state_dict(model.get_submodule(name).state_dict())
