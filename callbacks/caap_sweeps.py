@@ -1,0 +1,550 @@
+"""CAAP layer-cutoff and selection-operator sweeps (``caap.md`` Sec. 4.4: Fig. 7, the
+cumulative intervention-depth sweep, and Fig. 5, the selection-operator ablation).
+
+On every test batch the top-1 class is explained by CAAP (parallel form, Sec. 3.3.1) once per
+variant, all samples of the batch in one call:
+
+- cutoff sweep (Fig. 7): layers ``first … L'`` intervened for each cutoff ``L'`` (``None``: every
+  ``L'`` from ``first`` to the depth L), with the default operator;
+- operator sweep (Fig. 5): each selection operator (``none`` = no padding, ``box1`` = radius-1
+  box, the default, ``box2`` = radius-2 box, ``manhattan`` = radius-1 Manhattan) at the
+  default cutoff ⌈2L/3⌉.
+
+A variant in both sweeps (the default operator at ⌈2L/3⌉) is computed once. Each map is scored
+with the evaluation metrics of :data:`callbacks.evaluation_metrics.METRICS` (the functional
+metrics, batched; the deletion and insertion curves behind Ins−Del are shared through
+the per-variant cache): by default those of the paper's figures, insertion and deletion AUC,
+Ins−Del, pointing game and AUPR₁/AUPR₀ against the object mask. Per-sample values are kept with
+the sample ``index``, gathered from every process and de-duplicated by index (exactly once
+under DDP). Rank zero publishes ``cutoff_sweep.csv`` and ``operator_sweep.csv`` (mean, 95 %
+t-interval, n), ``per_sample.csv`` and the plots ``cutoff_sweep.png`` / ``operator_sweep.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from callbacks.evaluation_metrics import METRICS, MetricContext
+from callbacks.evaluation_spec import MetricSpec, parse_metrics
+from saliency.errors import ConfigurationError
+from saliency.methods.caap import CAAP, SELECTIONS, check_layers
+from saliency.metrics.per_sample import PerSampleValues
+from saliency.stats import mean_confidence_interval
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS: list[str | dict[str, Any]] = [
+    "insertion_auc",
+    "deletion_auc",
+    "insertion_minus_deletion",
+    "pointing_game",
+    "aupr",
+]
+OPERATOR_NAMES = {
+    "none": "no padding",
+    "box1": "radius-1 box (3×3)",
+    "box2": "radius-2 box (5×5)",
+    "manhattan": "radius-1 Manhattan",
+}
+# How each value reads on the plots: (label, better direction).
+VALUE_TEXT = {
+    "insertion_auc": ("Insertion AUC", "↑"),
+    "deletion_auc": ("Deletion AUC", "↓"),
+    "insertion_minus_deletion": ("Ins − Del", "↑"),
+    "pointing_game": ("pointing game", "↑"),
+    "aupr1": ("AUPR₁", "↑"),
+    "aupr0": ("AUPR₀", "↑"),
+    "energy_pointing_game": ("energy pointing game", "↑"),
+    "top_k_intersection": ("top-k intersection", "↑"),
+    "average_drop": ("Average Drop", "↓"),
+    "increase_in_confidence": ("Increase in Confidence", "↑"),
+    "average_gain": ("Average Gain", "↑"),
+    "confidence_drop": ("confidence drop", "↓"),
+    "relative_drop": ("relative drop", "↑"),
+}
+_RESERVED = ("mode", "selection", "layers", "layer")
+
+Variant = tuple[int, int, str]  # (first layer, last layer = cutoff, operator)
+
+
+class CAAPSweepCallback(L.Callback):
+    """CAAP maps per layer cutoff (Fig. 7) and per selection operator (Fig. 5), scored.
+
+    Args:
+        cutoffs: the last intervened layers ``L'`` of the cutoff sweep (layers ``first_layer …
+            L'`` are patched); ``None``: every ``L'`` from ``first_layer`` to the depth.
+        operators: selection operators of the operator sweep (of ``none``, ``box1``,
+            ``box2``, ``manhattan``).
+        metrics: names or ``{name, label, kwargs}`` of single-map evaluation metrics
+            (:data:`callbacks.evaluation_metrics.METRICS`).
+        first_layer: the first intervened layer ``l_s`` (paper: 1, "from the first block").
+        default_operator: the operator of the cutoff sweep (paper default ``box1``).
+        samples: sweep only the ``samples`` lowest sample indices of the test split
+            (``None``: all the samples ``evaluate.py`` loads).
+        missing_annotations: what to do with a metric whose annotation (e.g. ``mask``) the
+            dataset lacks: ``error`` (default) or ``skip`` it with a warning (e.g. ImageNet
+            without ImageNet-S masks: the faithfulness metrics still run).
+        caap_kwargs: further :class:`~saliency.methods.caap.CAAP` options (``blank``,
+            ``patch_batch_size``, ``precompute_blank``, ``blank_prototype``); the mode is
+            always ``parallel`` and the layers / selection come from the sweep.
+        perturbation_batch_size: images per forward of the deletion / insertion curves.
+        name: the analysis directory ``<run_dir>/analyses/<name>/`` and W&B prefix.
+    """
+
+    def __init__(
+        self,
+        cutoffs: list[int] | None = None,
+        operators: list[str] | None = None,
+        metrics: list[str | dict[str, Any]] | None = None,
+        first_layer: int = 1,
+        default_operator: str = "box1",
+        samples: int | None = None,
+        missing_annotations: Literal["error", "skip"] = "error",
+        caap_kwargs: dict[str, Any] | None = None,
+        perturbation_batch_size: int = 256,
+        name: str = "caap_sweeps",
+    ) -> None:
+        operators = list(operators) if operators is not None else list(SELECTIONS)
+        for operator in [*operators, default_operator]:
+            if operator not in SELECTIONS:
+                raise ConfigurationError(
+                    f"unknown CAAP selection operator {operator!r}; use one of "
+                    f"{', '.join(SELECTIONS)} (caap.md Fig. 5)"
+                )
+        if not operators or len(set(operators)) != len(operators):
+            raise ConfigurationError(
+                f"operators must list distinct selection operators, got {operators}"
+            )
+        if isinstance(first_layer, bool) or not isinstance(first_layer, int) or first_layer < 0:
+            raise ConfigurationError(
+                f"first_layer must be a layer index >= 0 (h^0 = the embedding), got {first_layer!r}"
+            )
+        if cutoffs is not None:
+            bad = [c for c in cutoffs if isinstance(c, bool) or not isinstance(c, int)]
+            if bad or not cutoffs or len(set(cutoffs)) != len(cutoffs):
+                raise ConfigurationError(
+                    f"cutoffs must be distinct integer layer indices (or null: all), got "
+                    f"{cutoffs!r}"
+                )
+            low = [c for c in cutoffs if c < first_layer]
+            if low:
+                raise ConfigurationError(
+                    f"cutoffs {low} lie below first_layer = {first_layer}: a cutoff is the last "
+                    f"intervened layer of first_layer … cutoff"
+                )
+        if samples is not None and (isinstance(samples, bool) or samples < 1):
+            raise ConfigurationError(
+                f"samples must be a positive number of test samples or null (all), got {samples!r}"
+            )
+        if missing_annotations not in ("error", "skip"):
+            raise ConfigurationError(
+                f"missing_annotations must be 'error' or 'skip', got {missing_annotations!r}"
+            )
+        extra = dict(caap_kwargs or {})
+        reserved = sorted(set(extra) & set(_RESERVED))
+        if reserved:
+            raise ConfigurationError(
+                f"caap_kwargs may not set {reserved}: the sweep chooses the layers and the "
+                f"selection, and always runs the parallel form"
+            )
+        self.metric_specs = parse_metrics(metrics if metrics is not None else DEFAULT_METRICS)
+        not_single = [
+            s.label for s in self.metric_specs if "single" not in METRICS[s.name].policy_kinds
+        ]
+        if not_single:
+            raise ConfigurationError(
+                f"metrics {not_single} do not score one map per sample; the CAAP sweeps explain "
+                f"the top-1 class with one map"
+            )
+        self.cutoffs = sorted(cutoffs) if cutoffs is not None else None
+        self.operators = operators
+        self.first_layer = first_layer
+        self.default_operator = default_operator
+        self.samples = samples
+        self.missing_annotations = missing_annotations
+        self.caap_kwargs = extra
+        self.perturbation_batch_size = perturbation_batch_size
+        self.name = name
+        self.per_sample: pd.DataFrame | None = None
+        self.tables: dict[str, pd.DataFrame] = {}
+
+    # ------------------------------------------------------------------------------ setup
+    def variants(self, depth: int) -> tuple[list[Variant], list[Variant]]:
+        """``(cutoff sweep, operator sweep)`` variants ``(first, last, operator)`` for a ViT
+        of ``depth`` blocks; a cutoff above the depth is an error naming it."""
+        cutoffs = self.cutoffs or list(range(max(self.first_layer, 1), depth + 1))
+        high = [c for c in cutoffs if c > depth]
+        if high:
+            raise ConfigurationError(
+                f"CAAP cutoffs {high} exceed the model's depth L = {depth} (it has {depth} "
+                f"transformer blocks); use cutoffs in {self.first_layer}..{depth} or null (all)"
+            )
+        default_cutoff = check_layers(None, depth)[1]  # ⌈2L/3⌉ (Sec. 3.2)
+        if default_cutoff < self.first_layer:
+            raise ConfigurationError(
+                f"first_layer = {self.first_layer} lies above the default cutoff "
+                f"⌈2L/3⌉ = {default_cutoff} of this {depth}-block model"
+            )
+        by_cutoff = [(self.first_layer, c, self.default_operator) for c in cutoffs]
+        by_operator = [(self.first_layer, default_cutoff, op) for op in self.operators]
+        return by_cutoff, by_operator
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        network = _network(pl_module)
+        probe = CAAP(network, mode="parallel", **self.caap_kwargs)  # checks the ViT and kwargs
+        self.depth = len(probe.vit.blocks)
+        self.default_cutoff = check_layers(None, self.depth)[1]
+        self._by_cutoff, self._by_operator = self.variants(self.depth)
+        unique = list(dict.fromkeys([*self._by_cutoff, *self._by_operator]))
+        self._methods = {
+            v: CAAP(
+                network, mode="parallel", selection=v[2], layers=(v[0], v[1]), **self.caap_kwargs
+            )
+            for v in unique
+        }
+        self._active_specs = self._applicable_metrics(_first_sample(trainer.test_dataloaders))
+        self._value_names = [
+            (spec, name)
+            for spec in self._active_specs
+            for name in METRICS[spec.name].value_names(spec.label)
+        ]
+        self._model_name = _model_description(pl_module, network)
+        self._wanted = (
+            None
+            if self.samples is None
+            else set(_first_indices(trainer.test_dataloaders, self.samples))
+        )
+        device = pl_module.device
+        self._values = {
+            (v, name): PerSampleValues(row_shape=()).to(device)
+            for v in unique
+            for _, name in self._value_names
+        }
+
+    def _applicable_metrics(self, sample: dict[str, Any]) -> list[MetricSpec]:
+        active = []
+        for spec in self.metric_specs:
+            missing = [k for k in METRICS[spec.name].needed_keys(spec.kwargs) if k not in sample]
+            if not missing:
+                active.append(spec)
+                continue
+            message = (
+                f"metric {spec.label!r} needs {missing} in each sample, but the dataset gives "
+                f"only {sorted(sample)}"
+            )
+            if self.missing_annotations == "error":
+                raise ConfigurationError(
+                    f"{message}; drop the metric, use annotated data (e.g. ImageNet-S masks: "
+                    f"data.init_args.imagenet_s_root) or set missing_annotations: skip"
+                )
+            log.warning("CAAP sweeps: %s; skipped", message)
+        if not active:
+            raise ConfigurationError(
+                "no CAAP sweep metric can be computed on this dataset; list a faithfulness "
+                "metric (insertion_auc, deletion_auc, insertion_minus_deletion)"
+            )
+        return active
+
+    # ------------------------------------------------------------------------- per batch
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        network = _network(pl_module)
+        images, index = batch["image"], batch["index"]
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        if logits is None:
+            with torch.no_grad():
+                logits = network(images)
+        logits = logits.detach()
+        if self._wanted is not None:
+            keep = torch.tensor([int(i) in self._wanted for i in index.tolist()], dtype=torch.bool)
+            if not bool(keep.any()):
+                return
+            batch = {
+                k: v[keep.to(v.device)] if torch.is_tensor(v) and v.dim() > 0 and
+                v.shape[0] == keep.shape[0] else v
+                for k, v in batch.items()
+            }  # fmt: skip
+            images, index, logits = batch["image"], batch["index"], logits[keep.to(logits.device)]
+        for variant, values in self.score_batch(network, images, logits, batch).items():
+            for name, value in values.items():
+                self._values[(variant, name)].update(value, index.to(value.device))
+
+    def score_batch(
+        self,
+        network: nn.Module,
+        images: torch.Tensor,
+        logits: torch.Tensor,
+        batch: dict[str, Any],
+    ) -> dict[Variant, dict[str, torch.Tensor]]:
+        """Per variant: the CAAP map of each image's top-1 class (one call for the batch) and
+        the metric values ``{value name: [B]}``."""
+        classes = logits.argmax(dim=1, keepdim=True)
+        results: dict[Variant, dict[str, torch.Tensor]] = {}
+        for variant, method in self._methods.items():
+            maps = method(images, classes)
+            context = MetricContext(
+                model=network, images=images, maps=maps, classes=classes, logits=logits,
+                batch=batch, perturbation_batch_size=self.perturbation_batch_size,
+            )  # fmt: skip
+            values: dict[str, torch.Tensor] = {}
+            for spec in self._active_specs:
+                metric = METRICS[spec.name]
+                outputs, _ = metric.compute(context, metric.options(spec.kwargs))
+                for suffix, value in outputs.items():
+                    values[spec.label + suffix] = value.float()
+            results[variant] = values
+        return results
+
+    # ------------------------------------------------------------------------ at the end
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        frames = []
+        # compute() gathers across processes: every rank calls it, in the same order.
+        for (variant, name), state in self._values.items():
+            indices, values = (t.cpu() for t in state.compute())
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "first_layer": variant[0],
+                        "cutoff": variant[1],
+                        "operator": variant[2],
+                        "metric": name,
+                        "index": indices.numpy(),
+                        "value": values.double().numpy(),
+                    }
+                )
+            )
+        self.per_sample = pd.concat(frames, ignore_index=True)
+        if self.per_sample.empty:
+            raise ConfigurationError(
+                "the CAAP sweeps saw no test sample; give evaluate.py test data (and a samples "
+                "count that selects some)"
+            )
+        self.tables = self._tables()
+        if trainer.is_global_zero:
+            from callbacks.analysis_outputs import publish_analysis
+
+            publish_analysis(trainer, self.name, self.tables, self._figures(), self._summary())
+
+    def _tables(self) -> dict[str, pd.DataFrame]:
+        metric_order = [name for _, name in self._value_names]
+        cutoff = _summarise(self.per_sample, self._by_cutoff, metric_order)
+        cutoff["default_cutoff"] = cutoff["cutoff"] == self.default_cutoff
+        operator = _summarise(self.per_sample, self._by_operator, metric_order)
+        operator["default_operator"] = operator["operator"] == self.default_operator
+        return {
+            "cutoff_sweep": cutoff,
+            "operator_sweep": operator,
+            "per_sample": self.per_sample,
+        }
+
+    def _summary(self) -> dict[str, float]:
+        summary: dict[str, float] = {"depth": float(self.depth)}
+        cutoff = self.tables["cutoff_sweep"]
+        for metric, rows in cutoff.groupby("metric", sort=False):
+            best = rows.loc[
+                rows["mean"].idxmin() if _lower_is_better(metric) else rows["mean"].idxmax()
+            ]
+            summary[f"cutoff/{metric}/best_cutoff"] = float(best["cutoff"])
+            summary[f"cutoff/{metric}/best_mean"] = float(best["mean"])
+        for row in self.tables["operator_sweep"].itertuples():
+            summary[f"operator/{row.operator}/{row.metric}"] = float(row.mean)
+        return summary
+
+    def _figures(self) -> dict[str, Figure]:
+        return {
+            "cutoff_sweep": build_cutoff_figure(
+                self.tables["cutoff_sweep"], self._model_name, self.depth, self.default_cutoff
+            ),
+            "operator_sweep": build_operator_figure(
+                self.tables["operator_sweep"], self._model_name, self.depth
+            ),
+        }
+
+
+# ------------------------------------------------------------------------------------- tables
+
+SWEEP_COLUMNS = [
+    "first_layer", "cutoff", "operator", "metric", "n", "mean", "sd", "ci_low", "ci_high",
+]  # fmt: skip
+
+
+def _summarise(
+    per_sample: pd.DataFrame, variants: list[Variant], metrics: list[str]
+) -> pd.DataFrame:
+    """Mean, sd, 95 % t-interval and n per (variant, metric), in sweep order."""
+    rows = []
+    for first, last, operator in variants:
+        chosen = per_sample[
+            (per_sample["first_layer"] == first)
+            & (per_sample["cutoff"] == last)
+            & (per_sample["operator"] == operator)
+        ]
+        for metric in metrics:
+            values = chosen.loc[chosen["metric"] == metric, "value"].to_numpy(np.float64)
+            values = values[np.isfinite(values)]
+            ci_low, ci_high = mean_confidence_interval(values)
+            rows.append(
+                {
+                    "first_layer": first,
+                    "cutoff": last,
+                    "operator": operator,
+                    "metric": metric,
+                    "n": int(values.size),
+                    "mean": float(values.mean()) if values.size else math.nan,
+                    "sd": float(values.std(ddof=1)) if values.size > 1 else math.nan,
+                    "ci_low": ci_low,
+                    "ci_high": ci_high,
+                }
+            )
+    return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
+
+
+FAITHFULNESS = (
+    "insertion", "deletion", "average_drop", "increase_in_confidence", "average_gain",
+    "confidence_drop", "relative_drop",
+)  # fmt: skip
+
+
+def _family(metric: str) -> str:
+    """``faithfulness`` (perturbation metrics) or ``localisation`` (against annotations)."""
+    return "faithfulness" if metric.startswith(FAITHFULNESS) else "localisation"
+
+
+def _lower_is_better(metric: str) -> bool:
+    return _value_text(metric)[1] == "↓"
+
+
+def _value_text(metric: str) -> tuple[str, str]:
+    for name, text in VALUE_TEXT.items():
+        if metric == name:
+            return text
+    for name, text in VALUE_TEXT.items():  # a custom label that starts with the metric name
+        if metric.startswith(name):
+            return f"{text[0]} ({metric})", text[1]
+    return metric, ""
+
+
+# -------------------------------------------------------------------------------------- plots
+
+
+def build_cutoff_figure(table: pd.DataFrame, model: str, depth: int, default_cutoff: int) -> Figure:
+    """CAAP Fig. 7: each metric's mean (95 % CI band) vs the last intervened layer, the default
+    ⌈2L/3⌉ marked; faithfulness (the figure's metrics) and localisation in separate panels."""
+    metrics = list(dict.fromkeys(table["metric"]))
+    families = {
+        family: [m for m in metrics if _family(m) == family]
+        for family in ("faithfulness", "localisation")
+    }
+    families = {family: chosen for family, chosen in families.items() if chosen}
+    figure = Figure(figsize=(9.0, 3.4 * len(families) + 1.0), layout="constrained")
+    axes = figure.subplots(len(families), 1, sharex=True, squeeze=False)[:, 0]
+    first = int(table["first_layer"].iloc[0])
+    for ax, (family, chosen) in zip(axes, families.items(), strict=True):
+        for metric in chosen:
+            rows = table[table["metric"] == metric].sort_values("cutoff")
+            x = rows["cutoff"].to_numpy()
+            label, better = _value_text(metric)
+            (line,) = ax.plot(x, rows["mean"].to_numpy(), marker="o", label=f"{label} ({better})")
+            low, high = rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy()
+            if np.isfinite(low).any():
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.18, linewidth=0)
+        ax.axvline(
+            default_cutoff, color="black", linestyle="--", linewidth=1,
+            label=f"default cutoff ⌈2L/3⌉ = {default_cutoff}",
+        )  # fmt: skip
+        if (table.loc[table["metric"].isin(chosen), "mean"] < 0).any():
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_ylabel(f"{family} metric\n(AUC / fraction / AP)")
+        ax.grid(alpha=0.3)
+        ax.legend(
+            fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title_fontsize=8,
+            title=f"{family} (↑ / ↓ = higher /\nlower is better);\nband = 95 % CI",
+        )  # fmt: skip
+    axes[-1].set_xticks(sorted(table["cutoff"].unique()))
+    axes[-1].set_xlabel(f"last intervened layer L' (blocks {first}…L' patched, of L = {depth})")
+    operator = str(table["operator"].iloc[0])
+    axes[0].set_title(
+        f"CAAP intervention-depth sweep (caap.md Fig. 7) — {model}\n"
+        f"selection {OPERATOR_NAMES[operator]}, top-1 class, n = {int(table['n'].max())} images",
+        fontsize=10,
+    )
+    return figure
+
+
+def build_operator_figure(table: pd.DataFrame, model: str, depth: int) -> Figure:
+    """CAAP Fig. 5: each metric's mean per selection operator (bars, 95 % CI whiskers)."""
+    metrics = list(dict.fromkeys(table["metric"]))
+    operators = list(dict.fromkeys(table["operator"]))
+    width = 0.8 / len(operators)
+    figure = Figure(figsize=(max(7.0, 1.5 * len(metrics) + 2.5), 5.6), layout="constrained")
+    ax = figure.subplots()
+    for position, operator in enumerate(operators):
+        rows = table[table["operator"] == operator].set_index("metric").loc[metrics]
+        x = np.arange(len(metrics)) + (position - (len(operators) - 1) / 2) * width
+        mean = rows["mean"].to_numpy(np.float64)
+        error = np.stack([mean - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - mean])
+        default = bool(rows["default_operator"].iloc[0]) if "default_operator" in rows else False
+        ax.bar(
+            x, mean, width, yerr=np.nan_to_num(error), capsize=3,
+            label=f"{OPERATOR_NAMES[operator]}{' (default)' if default else ''}",
+        )  # fmt: skip
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xticks(np.arange(len(metrics)))
+    ax.set_xticklabels([f"{_value_text(m)[0]} {_value_text(m)[1]}" for m in metrics], rotation=15)
+    ax.set_xlabel("metric (↑ / ↓ = higher / lower is better)")
+    ax.set_ylabel("mean metric value (AUC / fraction / average precision)")
+    ax.grid(axis="y", alpha=0.3)
+    figure.legend(
+        fontsize=8, loc="outside lower center", ncols=min(4, len(operators)), title_fontsize=8,
+        title="selection operator S(p); whiskers = 95 % CI",
+    )  # fmt: skip
+    first, cutoff = int(table["first_layer"].iloc[0]), int(table["cutoff"].iloc[0])
+    ax.set_title(
+        f"CAAP selection-operator ablation (caap.md Fig. 5) — {model}\n"
+        f"layers {first}…{cutoff} of {depth} intervened, top-1 class, "
+        f"n = {int(table['n'].max())} images",
+        fontsize=10,
+    )
+    return figure
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _network(pl_module: L.LightningModule) -> nn.Module:
+    network = getattr(pl_module, "network", None)
+    return network if isinstance(network, nn.Module) else pl_module.model
+
+
+def _model_description(pl_module: L.LightningModule, network: nn.Module) -> str:
+    name = getattr(pl_module, "model_name", None)
+    if isinstance(name, str):
+        return name
+    source = getattr(pl_module, "source_name", None)
+    return f"{type(network).__name__} ({source})" if source else type(network).__name__
+
+
+def _loader(dataloaders: Any) -> Any:
+    return dataloaders[0] if isinstance(dataloaders, list | tuple) else dataloaders
+
+
+def _first_sample(dataloaders: Any) -> dict[str, Any]:
+    return _loader(dataloaders).dataset[0]
+
+
+def _first_indices(dataloaders: Any, count: int) -> list[int]:
+    dataset = _loader(dataloaders).dataset
+    indices = getattr(dataset, "indices", None)
+    if indices is not None:
+        return sorted(int(i) for i in indices)[:count]
+    return list(range(min(count, len(dataset))))
