@@ -66,13 +66,14 @@ CUB_CLASSES = ["001.Red_Bird", "002.Blue_Bird", "003.Green_Bird"]
 CORNER_BOX = (0.0, 0.0, 24.0, 18.0)
 
 
-def make_cub(parent: Path, segmentations: bool = True) -> Path:
-    """A CUB_200_2011/ folder under ``parent`` (+ attributes.txt next to it, as officially)."""
+def make_cub(parent: Path, segmentations: bool = True, classes: list[str] = CUB_CLASSES) -> Path:
+    """A CUB_200_2011/ folder under ``parent`` (+ attributes.txt next to it, as officially),
+    four images per class of ``classes``."""
     cub = parent / "CUB_200_2011"
     images, labels, split, boxes = [], [], [], []
-    for image_id in range(1, 13):
+    for image_id in range(1, 4 * len(classes) + 1):
         class_id = (image_id - 1) // 4 + 1
-        relpath = f"{CUB_CLASSES[class_id - 1]}/{CUB_CLASSES[class_id - 1][4:]}_{image_id:04d}.jpg"
+        relpath = f"{classes[class_id - 1]}/{classes[class_id - 1][4:]}_{image_id:04d}.jpg"
         _paint(cub / "images" / relpath)
         if segmentations:
             seg = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
@@ -91,10 +92,10 @@ def make_cub(parent: Path, segmentations: bool = True) -> Path:
     (cub / "train_test_split.txt").write_text("\n".join(split) + "\n")
     (cub / "bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
     (cub / "classes.txt").write_text(
-        "\n".join(f"{i} {name}" for i, name in enumerate(CUB_CLASSES, start=1)) + "\n"
+        "\n".join(f"{i} {name}" for i, name in enumerate(classes, start=1)) + "\n"
     )
     (cub / "attributes").mkdir()
-    attributes = np.arange(3 * 312, dtype=np.float64).reshape(3, 312) % 101
+    attributes = np.arange(len(classes) * 312, dtype=np.float64).reshape(len(classes), 312) % 101
     (cub / "attributes" / "class_attribute_labels_continuous.txt").write_text(
         "\n".join(" ".join(f"{v:.6f}" for v in row) for row in attributes) + "\n"
     )
