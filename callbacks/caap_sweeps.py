@@ -35,6 +35,7 @@ from torch import nn
 
 from callbacks.evaluation_metrics import METRICS, MetricContext
 from callbacks.evaluation_spec import MetricSpec, parse_metrics
+from callbacks.explained_model import explained_network, first_test_indices, model_description
 from saliency.errors import ConfigurationError
 from saliency.methods.caap import CAAP, SELECTIONS, check_layers
 from saliency.metrics.per_sample import PerSampleValues
@@ -199,7 +200,7 @@ class CAAPSweepCallback(L.Callback):
         return by_cutoff, by_operator
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        network = _network(pl_module)
+        network = explained_network(pl_module)
         probe = CAAP(network, mode="parallel", **self.caap_kwargs)  # checks the ViT and kwargs
         self.depth = len(probe.vit.blocks)
         self.default_cutoff = check_layers(None, self.depth)[1]
@@ -217,11 +218,11 @@ class CAAPSweepCallback(L.Callback):
             for spec in self._active_specs
             for name in METRICS[spec.name].value_names(spec.label)
         ]
-        self._model_name = _model_description(pl_module, network)
+        self._model_name = model_description(pl_module, network)
         self._wanted = (
             None
             if self.samples is None
-            else set(_first_indices(trainer.test_dataloaders, self.samples))
+            else set(first_test_indices(trainer.test_dataloaders, self.samples))
         )
         device = pl_module.device
         self._values = {
@@ -258,7 +259,7 @@ class CAAPSweepCallback(L.Callback):
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
-        network = _network(pl_module)
+        network = explained_network(pl_module)
         images, index = batch["image"], batch["index"]
         logits = outputs.get("logits") if isinstance(outputs, dict) else None
         if logits is None:
@@ -521,30 +522,9 @@ def build_operator_figure(table: pd.DataFrame, model: str, depth: int) -> Figure
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _network(pl_module: L.LightningModule) -> nn.Module:
-    network = getattr(pl_module, "network", None)
-    return network if isinstance(network, nn.Module) else pl_module.model
-
-
-def _model_description(pl_module: L.LightningModule, network: nn.Module) -> str:
-    name = getattr(pl_module, "model_name", None)
-    if isinstance(name, str):
-        return name
-    source = getattr(pl_module, "source_name", None)
-    return f"{type(network).__name__} ({source})" if source else type(network).__name__
-
-
 def _loader(dataloaders: Any) -> Any:
     return dataloaders[0] if isinstance(dataloaders, list | tuple) else dataloaders
 
 
 def _first_sample(dataloaders: Any) -> dict[str, Any]:
     return _loader(dataloaders).dataset[0]
-
-
-def _first_indices(dataloaders: Any, count: int) -> list[int]:
-    dataset = _loader(dataloaders).dataset
-    indices = getattr(dataset, "indices", None)
-    if indices is not None:
-        return sorted(int(i) for i in indices)[:count]
-    return list(range(min(count, len(dataset))))

@@ -24,8 +24,13 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from torch import nn
 
+from callbacks.explained_model import (
+    explained_network,
+    first_test_indices,
+    model_description,
+    model_name,
+)
 from saliency.cluscam_selection import (
     ClusCAMSelection,
     Target,
@@ -129,16 +134,16 @@ class ClusCAMSelectionCallback(L.Callback):
 
     # ---------------------------------------------------------------------------- per batch
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        network = _network(pl_module)
+        network = explained_network(pl_module)
         # Builds ClusCAM once: a wrong layer or option fails before the first batch.
         method = ClusCAM(network, self.layer, seed=self.seed, **self._score_kwargs())
         self._layer_used = method.layer
         self._preset_name = self.preset or _preset_for(pl_module)
-        self._model_name = _model_description(pl_module, network)
+        self._model_name = model_description(pl_module, network)
         self._wanted = (
             None
             if self.samples is None
-            else set(_first_indices(trainer.test_dataloaders, self.samples))
+            else set(first_test_indices(trainer.test_dataloaders, self.samples))
         )
         device = pl_module.device
         self._scores = {k: PerSampleValues(row_shape=(k,)).to(device) for k in self.candidates}
@@ -157,7 +162,7 @@ class ClusCAMSelectionCallback(L.Callback):
             batch = {k: v[keep.to(v.device)] for k, v in batch.items() if k in ("image", "label")}
             index = index[keep.to(index.device)]
         rows = [{"image": batch["image"], "label": batch["label"]}]
-        network = _network(pl_module)
+        network = explained_network(pl_module)
         for k in self.candidates:
             scores = score_matrix(
                 network, rows, k, self._layer_used, self.target, seed=self.seed,
@@ -408,40 +413,10 @@ def build_temperature_figure(
 # ------------------------------------------------------------------------------------ helpers
 
 
-def _network(pl_module: L.LightningModule) -> nn.Module:
-    """The plain network the evaluation explains (``SaliencyEvaluationModule.network``)."""
-    network = getattr(pl_module, "network", None)
-    return network if isinstance(network, nn.Module) else pl_module.model
-
-
-def _model_name(pl_module: L.LightningModule) -> str | None:
-    name = getattr(pl_module, "model_name", None)
-    return name if isinstance(name, str) else None
-
-
 def _preset_for(pl_module: L.LightningModule) -> str | None:
     """The Table 3 row of the evaluated model by name (``torchvision:resnet50`` → resnet50)."""
-    name = _model_name(pl_module)
+    name = model_name(pl_module)
     if name is None:
         return None
     bare = name.partition(":")[2] or name
     return PRESET_BY_MODEL.get(bare.split(".")[0])
-
-
-def _model_description(pl_module: L.LightningModule, network: nn.Module) -> str:
-    name = _model_name(pl_module)
-    if name is not None:
-        return name
-    source = getattr(pl_module, "source_name", None)
-    return f"{type(network).__name__} ({source})" if source else type(network).__name__
-
-
-def _first_indices(dataloaders: Any, count: int) -> list[int]:
-    """The ``count`` lowest sample indices of the test dataloader's dataset (a ``Subset``'s
-    own indices when ``evaluate.py`` samples the split)."""
-    loader = dataloaders[0] if isinstance(dataloaders, list | tuple) else dataloaders
-    dataset = loader.dataset
-    indices = getattr(dataset, "indices", None)
-    if indices is not None:
-        return sorted(int(i) for i in indices)[:count]
-    return list(range(min(count, len(dataset))))

@@ -37,6 +37,7 @@ from callbacks.evaluation_spec import (
     resolve_selectors,
 )
 from callbacks.evaluation_tables import mean_curves, method_tests, summarise
+from callbacks.explained_model import first_test_indices
 from callbacks.run_outputs import StagedResults
 from callbacks.target_policies import (
     POLICIES,
@@ -334,7 +335,7 @@ class SaliencyEvaluationCallback(L.Callback):
             k: PerSampleValues(row_shape=(CURVE_POINTS,)).to(device) for k in curve_keys
         }
         self._predictions = PerSampleValues(row_shape=(5,)).to(device)
-        self._gallery_indices = set(_first_indices(trainer.test_dataloaders, self.gallery_size))
+        self._gallery_indices = set(first_test_indices(trainer.test_dataloaders, self.gallery_size))
         self._gallery: list[dict[str, Any]] = []
         if trainer.is_global_zero:
             directory = Path(self.output_dir or trainer.default_root_dir)
@@ -739,15 +740,6 @@ def _select(value: Any, rows: torch.Tensor) -> Any:
     if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows.shape[0]:
         return value[rows.to(value.device)]
     return value
-
-
-def _first_indices(dataloader, count: int) -> list[int]:
-    """The ``count`` lowest sample indices of the dataloader's dataset (a ``Subset``'s own)."""
-    dataset = dataloader.dataset
-    indices = getattr(dataset, "indices", None)
-    if indices is not None:
-        return sorted(int(i) for i in indices)[:count]
-    return list(range(min(count, len(dataset))))
 
 
 def _gather_objects(items: list[Any]) -> list[Any]:
