@@ -54,6 +54,15 @@ class JobsFailed(RuntimeError):
         super().__init__("\n\n".join(parts))
 
 
+def split_extra_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The command's own arguments and those after ``--`` (passed on to every run)."""
+    argv = list(argv)
+    if "--" in argv:
+        position = argv.index("--")
+        return argv[:position], argv[position + 1 :]
+    return argv, []
+
+
 def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
     """The last ``lines`` lines of a log file (empty if it does not exist)."""
     if not path.is_file():

@@ -345,18 +345,12 @@ def log_to_wandb(
 # --------------------------------------------------------------------------------------------
 
 
-def _split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    argv = list(argv)
-    if "--" in argv:
-        position = argv.index("--")
-        return argv[:position], argv[position + 1 :]
-    return argv, []
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     import sys
 
-    own, extra = _split_extra(sys.argv[1:] if argv is None else argv)
+    from experiments._jobs import split_extra_arguments
+
+    own, extra = split_extra_arguments(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m experiments.aggregate_seeds",
         description=__doc__.split("\n\n")[0],

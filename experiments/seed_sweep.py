@@ -26,7 +26,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments._jobs import Job, JobResult, JobsFailed, python_command, run_jobs
+from experiments._jobs import (
+    Job,
+    JobResult,
+    JobsFailed,
+    python_command,
+    run_jobs,
+    split_extra_arguments,
+)
 
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
 LOG = "seed_sweep.log"
@@ -139,18 +146,10 @@ def sweep(
     return runs
 
 
-def _split_extra(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    argv = list(argv)
-    if "--" in argv:
-        position = argv.index("--")
-        return argv[:position], argv[position + 1 :]
-    return argv, []
-
-
 def main(argv: Sequence[str] | None = None) -> list[SeedRun]:
     import sys
 
-    own, extra = _split_extra(sys.argv[1:] if argv is None else argv)
+    own, extra = split_extra_arguments(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m experiments.seed_sweep",
         description=__doc__.split("\n\n")[0],
