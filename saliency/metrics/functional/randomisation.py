@@ -271,18 +271,9 @@ def cascading_randomisation(
     large networks: compute what you need before advancing); with ``copy_each_step`` every
     yielded model is an independent copy.
     """
-    names = resolve_randomisation_order(model, order)
-    working = copy.deepcopy(model)
-    steps = zip(names, _step_targets(working, names), _step_seeds(seed, len(names)), strict=True)
-    for name, targets, step_seed in steps:
-        _randomise_targets(
-            targets,
-            seed=step_seed,
-            init=init,
-            reset_running_stats=reset_running_stats,
-            device=working,
-        )
-        yield name, (copy.deepcopy(working) if copy_each_step else working)
+    yield from _randomised_steps(
+        model, order, seed, init, reset_running_stats, copy_each_step, restore=False
+    )
 
 
 def independent_randomisation(
@@ -301,6 +292,22 @@ def independent_randomisation(
     randomisation as :func:`cascading_randomisation`; the working copy is restored from
     ``model`` after each step (yielded models are the same object unless ``copy_each_step``).
     """
+    yield from _randomised_steps(
+        model, order, seed, init, reset_running_stats, copy_each_step, restore=True
+    )
+
+
+def _randomised_steps(
+    model: nn.Module,
+    order: Sequence[str] | None,
+    seed: int,
+    init: Init,
+    reset_running_stats: bool,
+    copy_each_step: bool,
+    restore: bool,
+) -> Iterator[tuple[str, nn.Module]]:
+    """The step loop of both tests on one working copy: randomise the step's layer, yield;
+    with ``restore`` (independent randomisation) put its trained values back afterwards."""
     names = resolve_randomisation_order(model, order)
     working = copy.deepcopy(model)
     steps = zip(names, _step_targets(working, names), _step_seeds(seed, len(names)), strict=True)
@@ -313,4 +320,5 @@ def independent_randomisation(
             device=working,
         )
         yield name, (copy.deepcopy(working) if copy_each_step else working)
-        working.get_submodule(name).load_state_dict(model.get_submodule(name).state_dict())
+        if restore:
+            working.get_submodule(name).load_state_dict(model.get_submodule(name).state_dict())
