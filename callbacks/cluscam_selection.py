@@ -35,9 +35,8 @@ from saliency.cluscam_selection import (
     ClusCAMSelection,
     Target,
     curvature_elbow,
-    fit_two_gaussians,
-    gmm_discard_ratio,
     score_matrix,
+    selection_from_scores,
     temperature_from,
 )
 from saliency.errors import ConfigurationError
@@ -268,27 +267,6 @@ class ClusCAMSelectionCallback(L.Callback):
             "r_selection": build_r_figure(self.selection, where, preset),
             "temperature": build_temperature_figure(self.selection, where, preset),
         }
-
-
-def selection_from_scores(scores: dict[int, torch.Tensor]) -> ClusCAMSelection:
-    """Alg. 2, Alg. 3 and Eq. 10 on the score matrices ``{K: [N, K]}`` of every candidate, as
-    :func:`saliency.cluscam_selection.select_hyperparameters` does after scoring."""
-    candidates = tuple(sorted(scores))
-    proxy = torch.stack([scores[k].double().mean() for k in candidates])  # Eq. 8
-    chosen, curvature = curvature_elbow(candidates, proxy)  # Alg. 2
-    chosen_scores = scores[chosen].double()
-    mixture = fit_two_gaussians(chosen_scores)  # Alg. 3
-    ratio = gmm_discard_ratio(chosen_scores, mixture)  # Eq. 9
-    return ClusCAMSelection(
-        num_clusters=chosen,
-        discard_ratio=ratio,
-        temperature=temperature_from(ratio, chosen),  # Eq. 10
-        candidates=candidates,
-        proxy=proxy,
-        curvature=curvature,
-        scores=chosen_scores,
-        mixture=mixture,
-    )
 
 
 # -------------------------------------------------------------------------------------- plots

@@ -39,6 +39,7 @@ __all__ = [
     "score_matrix",
     "select_hyperparameters",
     "select_num_clusters",
+    "selection_from_scores",
     "temperature_from",
 ]
 
@@ -283,17 +284,27 @@ def select_hyperparameters(
     count = select_num_clusters(
         model, dataloader, candidates, layer, target, max_batches, device, **cluscam_kwargs
     )
-    scores = count.scores[count.num_clusters]
-    mixture = fit_two_gaussians(scores)
-    ratio = gmm_discard_ratio(scores, mixture)
+    return selection_from_scores(count.scores)
+
+
+def selection_from_scores(scores: dict[int, torch.Tensor]) -> ClusCAMSelection:
+    """Alg. 2, Alg. 3 and Eq. 10 on the score matrices ``{K: [N, K]}`` of every candidate
+    (in float64): the selection step of :func:`select_hyperparameters`, for scores gathered
+    elsewhere (e.g. batch by batch in an evaluation)."""
+    candidates = tuple(sorted(scores))
+    proxy = torch.stack([scores[k].double().mean() for k in candidates])  # Eq. 8
+    chosen, curvature = curvature_elbow(candidates, proxy)  # Alg. 2
+    chosen_scores = scores[chosen].double()
+    mixture = fit_two_gaussians(chosen_scores)  # Alg. 3
+    ratio = gmm_discard_ratio(chosen_scores, mixture)  # Eq. 9
     return ClusCAMSelection(
-        num_clusters=count.num_clusters,
+        num_clusters=chosen,
         discard_ratio=ratio,
-        temperature=temperature_from(ratio, count.num_clusters),
-        candidates=count.candidates,
-        proxy=count.proxy,
-        curvature=count.curvature,
-        scores=scores,
+        temperature=temperature_from(ratio, chosen),  # Eq. 10
+        candidates=candidates,
+        proxy=proxy,
+        curvature=curvature,
+        scores=chosen_scores,
         mixture=mixture,
     )
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from callbacks.cluscam_selection import ClusCAMSelectionCallback, selection_from_scores
-from saliency.cluscam_selection import select_hyperparameters
+from callbacks.cluscam_selection import ClusCAMSelectionCallback
+from saliency.cluscam_selection import select_hyperparameters, selection_from_scores
 from saliency.errors import ConfigurationError
 from tests.tiny_models import TinyCAMNet
 
