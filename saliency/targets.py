@@ -5,7 +5,8 @@ Finer-CAM compares with the classes whose logits are nearest the target's
 (:class:`LogitNeighbours`) or, in its first code version, the other top predictions
 (:class:`TopPredictions`); :class:`ExplicitReferences` passes references chosen by hand
 (per sample) wherever these selectors are accepted. Reference selectors never return the
-target itself.
+target itself. Only :class:`ConfusionContrast` with ``fallback="none"`` may return fewer than k
+classes for a row: its empty slots hold :data:`PADDING` (``-1``), after the valid ones.
 
 VAR's class set C′ (:class:`ClassSet`) is the exception: it returns the target FIRST
 (column 0) followed by the classes it competes with, ``class_set(logits, targets) -> [B, K′]``.
@@ -28,6 +29,7 @@ import torch
 from saliency.errors import ConfigurationError
 
 __all__ = [
+    "PADDING",
     "ClassSet",
     "ConfusionContrast",
     "ExplicitReferences",
@@ -81,17 +83,48 @@ def _check_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     return targets
 
 
+ConfusionFallback = Literal["top_predictions", "none"]
+PADDING = -1  # marks an empty contrast slot (ConfusionContrast with fallback="none")
+
+
 class ConfusionContrast:
     """CASE contrast set (Eq. 2, Alg. 1 line 4): the k classes the model most often predicts
-    for images of the target class, ``V = argmax^k_{v ≠ u} M[u, v]``.
+    for images of the target class, ``V = argmax^k_{v ≠ u} M[u, v]``, computed on held-out data
+    (Sec. III-C: "a held-out validation set"; see :mod:`callbacks.confusion_matrix`).
 
     ``matrix``: ``[N, N]`` counts (rows = true class) as array/tensor, or the path of the
     ``.npy``/``.csv`` that ``train.py`` writes. As the reference code, rows are normalised per
-    true class and the diagonal is zeroed; ties are broken by the lower class index. Logits are
-    ignored. CASE's paper uses k = 3–5, its evaluation scripts k = 1.
+    true class and the diagonal is zeroed. CASE's paper: "small values (e.g. k = 3) suffice";
+    its evaluation scripts use k = 1.
+
+    Only classes the model actually confused with the target (a positive off-diagonal entry of
+    its row) are taken from the matrix — never a zero-confusion class. A row with fewer than
+    ``k`` confusions (common with an accurate model and few validation images per class) is
+    completed by ``fallback``:
+
+    - ``"top_predictions"`` (default): the image's highest-logit other classes not already in
+      the set, i.e. what this image is most likely confused with (needs the logits);
+    - ``"none"``: no completion; the row holds fewer contrasts and its empty slots are
+      :data:`PADDING` (``-1``) at the end. CASE then averages γ̄ (Eq. 4) over the valid
+      contrasts only; a target with no confusion at all gets γ̄ = 0, so CASE's map for it is
+      plain Grad-CAM (nothing is projected out).
+
+    Ties among equal confusion values (frequent with small counts: 1, 2, ... images) go to the
+    class with the higher logit for this image, then to the lower class index; the paper states
+    no rule, and a rule by class index alone would favour low indices. Without logits
+    (``selector(None, targets)``) ties go to the lower class index and ``"top_predictions"``
+    cannot complete a short row (an error says so).
+
+    :meth:`contrasts_from_matrix` gives, per target, how many contrasts came from the matrix
+    (``min(k, confusions of the target)``): the evaluation records it per sample.
     """
 
-    def __init__(self, matrix: np.ndarray | torch.Tensor | str | Path, k: int = 5) -> None:
+    def __init__(
+        self,
+        matrix: np.ndarray | torch.Tensor | str | Path,
+        k: int = 3,
+        fallback: ConfusionFallback = "top_predictions",
+    ) -> None:
         if isinstance(matrix, (str, Path)):
             matrix = load_confusion_matrix(matrix)
         matrix = torch.as_tensor(np.asarray(matrix) if not torch.is_tensor(matrix) else matrix)
@@ -101,6 +134,12 @@ class ConfusionContrast:
                 f"shape {tuple(matrix.shape)}"
             )
         _check_k(k, matrix.shape[0])
+        if fallback not in ("top_predictions", "none"):
+            raise ConfigurationError(
+                f"confusion selector fallback must be 'top_predictions' (complete a short "
+                f"contrast set with the image's highest-logit other classes) or 'none' (fewer "
+                f"contrasts), got {fallback!r}"
+            )
         matrix = matrix.double()
         if not torch.isfinite(matrix).all() or (matrix < 0).any():
             raise ConfigurationError("confusion matrix entries must be finite and non-negative")
@@ -109,14 +148,18 @@ class ConfusionContrast:
         normalised.fill_diagonal_(0.0)
         self.matrix = normalised
         self.k = k
-        # Stable descending sort: ties go to the lower class index; the target sorts last.
-        ranking = normalised.clone().fill_diagonal_(-1.0)
-        order = torch.sort(ranking, dim=1, descending=True, stable=True).indices
-        self.contrasts = order[:, :k].contiguous()  # [N, k]
+        self.fallback = fallback
+        self.confusions = (normalised > 0).sum(dim=1)  # [N]: confused classes per true class
 
     @property
     def num_classes(self) -> int:
         return self.matrix.shape[0]
+
+    def contrasts_from_matrix(self, targets: torch.Tensor) -> torch.Tensor:
+        """``LongTensor[B]``: how many of each target's contrasts are confusions from the
+        matrix (the rest, ``k`` minus this, come from the fallback or are empty)."""
+        targets = _check_targets(targets, self.num_classes)
+        return self.confusions.to(targets.device)[targets].clamp_max(self.k)
 
     def __call__(self, logits: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
         if logits is not None and logits.shape[-1] != self.num_classes:
@@ -125,10 +168,38 @@ class ConfusionContrast:
                 f"{logits.shape[-1]} logits; use the matrix of this model's training run"
             )
         targets = _check_targets(targets, self.num_classes)
-        return self.contrasts.to(targets.device)[targets]
+        if logits is not None:
+            _check_rows(logits, targets, "ConfusionContrast")
+        device = targets.device
+        confusion = self.matrix.to(device)[targets]  # [B, N], target column 0
+        # The target sorts last: below every zero-confusion class.
+        confusion = confusion.scatter(1, targets[:, None], -1.0)
+        order = torch.arange(self.num_classes, device=device).expand_as(confusion)
+        if logits is not None:
+            # Secondary key first (stable sorts): the image's logits, descending.
+            order = torch.sort(logits.to(device), dim=1, descending=True, stable=True).indices
+        primary = confusion.gather(1, order)
+        ranked = order.gather(1, torch.sort(primary, dim=1, descending=True, stable=True).indices)
+        contrasts = ranked[:, : self.k]
+        from_matrix = self.confusions.to(device)[targets].clamp_max(self.k)  # [B]
+        short = torch.arange(self.k, device=device)[None, :] >= from_matrix[:, None]
+        if self.fallback == "none":
+            return contrasts.masked_fill(short, PADDING)
+        if logits is None and bool(short.any()):
+            row = int(short.any(dim=1).nonzero()[0, 0])
+            raise ConfigurationError(
+                f"target class {int(targets[row])} has only {int(from_matrix[row])} confused "
+                f"classes in the matrix (k={self.k}); fallback='top_predictions' completes the "
+                f"set from the image's logits, but the selector was called without logits: "
+                f"pass them, or use fallback='none'"
+            )
+        return contrasts  # after the confusions: highest-logit other classes
 
     def __repr__(self) -> str:
-        return f"ConfusionContrast(num_classes={self.num_classes}, k={self.k})"
+        return (
+            f"ConfusionContrast(num_classes={self.num_classes}, k={self.k}, "
+            f"fallback={self.fallback!r})"
+        )
 
 
 class LogitNeighbours:

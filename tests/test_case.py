@@ -9,7 +9,7 @@ from torch import nn
 
 from saliency.errors import ConfigurationError
 from saliency.methods import create_method
-from saliency.targets import ConfusionContrast, LogitNeighbours
+from saliency.targets import ConfusionContrast, ExplicitReferences, LogitNeighbours
 
 NUM_CLASSES = 5
 
@@ -159,5 +159,51 @@ def test_logit_based_contrast_and_errors(net):
         create_method("case", net, "features", contrast=LogitNeighbours(1), projection="both")
     with pytest.raises(ConfigurationError, match=r"built for 4 classes but the model outputs 5"):
         create_method("case", net, "features", contrast=ConfusionContrast(np.eye(4), 1))(
+            torch.randn(1, 3, 7, 7), torch.tensor([0])
+        )
+
+
+@pytest.mark.parametrize("projection", ["full", "weights"])
+def test_fewer_contrasts_average_the_valid_ones_and_none_is_grad_cam(net, projection):
+    """``fallback="none"``: γ̄ (Eq. 4) is the mean over the contrasts the matrix gave; a target
+    the model never confused gets γ̄ = 0, i.e. Grad-CAM."""
+    counts = np.diag([40, 30, 20, 25, 33])
+    counts[0, 3], counts[0, 1], counts[2, 4] = 5, 2, 7  # class 0: two confusions, 2: one
+    images, targets = torch.randn(3, 3, 7, 7), torch.tensor([[0, 2], [1, 0], [2, 1]])
+    padded = ConfusionContrast(counts, k=3, fallback="none")
+    assert padded(None, targets.reshape(-1)).tolist() == [
+        [3, 1, -1], [4, -1, -1], [-1, -1, -1], [3, 1, -1], [4, -1, -1], [-1, -1, -1],
+    ]  # fmt: skip
+    maps = create_method("case", net, "features", contrast=padded, projection=projection)(
+        images, targets
+    )
+    valid = {0: [3, 1], 2: [4]}  # each target's confusions, the only contrasts used
+    expected = torch.stack(
+        [
+            torch.cat(
+                [
+                    create_method(
+                        "case", net, "features", projection=projection,
+                        contrast=ExplicitReferences([valid[int(target)]]),
+                    )(images[b : b + 1], target.view(1))[0]
+                    if int(target) in valid
+                    else torch.zeros(1, 7, 7)
+                    for target in targets[b]
+                ]
+            )
+            for b in range(3)
+        ]
+    )  # fmt: skip
+    grad_cam = create_method("grad_cam", net, layer="features")(images, targets)
+    never_confused = targets == 1
+    torch.testing.assert_close(maps[~never_confused], expected[~never_confused])
+    torch.testing.assert_close(maps[never_confused], grad_cam[never_confused])
+    assert (maps[~never_confused] - grad_cam[~never_confused]).abs().max() > 1e-4
+
+
+def test_finer_cam_refuses_empty_reference_slots(net):
+    padded = ConfusionContrast(np.diag([4, 3, 2, 5, 3]), k=2, fallback="none")
+    with pytest.raises(ConfigurationError, match=r"empty.*fallback: top_predictions"):
+        create_method("finer_cam", net, "features", references=padded)(
             torch.randn(1, 3, 7, 7), torch.tensor([0])
         )

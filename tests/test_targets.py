@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from saliency.errors import ConfigurationError
-from saliency.targets import ConfusionContrast, LogitNeighbours, TopPredictions
+from saliency.targets import PADDING, ConfusionContrast, LogitNeighbours, TopPredictions
 
 COUNTS = np.array(
     [
@@ -28,8 +28,35 @@ def test_confusion_contrast_takes_the_top_off_diagonal_entries_of_the_target_row
     # Rows normalised per true class, diagonal zeroed; an empty row stays zero (no NaN).
     torch.testing.assert_close(selector.matrix[1], torch.tensor([0.1, 0.0, 0.15, 0.25]).double())
     assert torch.equal(selector.matrix[2], torch.zeros(4, dtype=torch.float64))
-    # The target itself is never a contrast, even for an all-zero row.
-    assert 2 not in ConfusionContrast(COUNTS, k=3)(None, torch.tensor([2]))[0].tolist()
+    assert selector.contrasts_from_matrix(torch.tensor([0, 1, 2, 3])).tolist() == [2, 2, 0, 2]
+    # Tied confusions (class 3: classes 1 and 2, one image each) go to the image's higher
+    # logit, without logits to the lower index.
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 1.0, 3.0]])
+    assert selector(logits, torch.tensor([3, 3])).tolist() == [[0, 2], [0, 1]]
+
+
+def test_confusion_contrast_never_returns_an_unconfused_class():
+    """A diagonal matrix (an accurate model): no class was ever confused, so every contrast is
+    the fallback's — the image's highest-logit other classes — or an empty slot."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.0, 4.0], [9.0, 1.0, 7.0, 8.0, 0.0]])
+    targets = torch.tensor([4, 0])
+    diagonal = ConfusionContrast(np.diag([10, 20, 30, 40, 50]), k=3)
+    assert diagonal.contrasts_from_matrix(targets).tolist() == [0, 0]
+    assert diagonal(logits, targets).tolist() == [[1, 3, 0], [3, 2, 1]]
+    padded = ConfusionContrast(np.diag([10, 20, 30, 40, 50]), k=3, fallback="none")
+    assert padded(logits, targets).tolist() == [[PADDING] * 3] * 2
+    # One confusion (4 → 2, class 2 has the image's LOWEST logit): it comes first, then the
+    # highest-logit others, never a zero-confusion class by index and never class 2 twice.
+    counts = np.diag([10, 20, 30, 40, 50])
+    counts[4, 2] = 1
+    one = ConfusionContrast(counts, k=3)
+    assert one(logits[:1], targets[:1]).tolist() == [[2, 1, 3]]
+    assert one.contrasts_from_matrix(targets[:1]).tolist() == [1]
+    short = ConfusionContrast(counts, k=3, fallback="none")
+    assert short(logits[:1], targets[:1]).tolist() == [[2, PADDING, PADDING]]
+    assert short(None, targets[:1]).tolist() == [[2, PADDING, PADDING]]  # no logits needed
+    with pytest.raises(ConfigurationError, match=r"only 1 confused.*without logits"):
+        one(None, targets[:1])
 
 
 def test_confusion_contrast_reads_the_files_train_py_writes(tmp_path):
@@ -38,7 +65,7 @@ def test_confusion_contrast_reads_the_files_train_py_writes(tmp_path):
     frame = pd.DataFrame(COUNTS, index=names, columns=names)
     frame.index.name = "true\\predicted"
     frame.to_csv(tmp_path / "confusion_matrix.csv")
-    targets = torch.tensor([0, 1, 2, 3])
+    targets = torch.tensor([0, 1, 3])
     expected = ConfusionContrast(COUNTS, k=1)(None, targets)
     for suffix in ("npy", "csv"):
         path = tmp_path / f"confusion_matrix.{suffix}"
@@ -57,6 +84,8 @@ def test_confusion_contrast_errors(tmp_path):
         ConfusionContrast(COUNTS[:, :3], k=1)
     with pytest.raises(ConfigurationError, match=r"positive integer, got 0"):
         ConfusionContrast(COUNTS, k=0)
+    with pytest.raises(ConfigurationError, match=r"'top_predictions'.*'none'.*'random'"):
+        ConfusionContrast(COUNTS, k=1, fallback="random")
     with pytest.raises(ConfigurationError, match=r"\[0, 3\].*max 4"):
         ConfusionContrast(COUNTS, k=1)(None, torch.tensor([4]))
     with pytest.raises(ConfigurationError, match=r"4 classes but the model outputs 5"):

@@ -9,6 +9,7 @@ from torch import nn
 
 from saliency.errors import ConfigurationError
 from saliency.gradients import LayerGradients, class_gradients
+from saliency.targets import PADDING
 
 Selector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -20,13 +21,19 @@ def reference_gradients(
     targets: torch.Tensor,
     selector: Selector,
     layout: str | None = None,
+    allow_padding: bool = False,
 ) -> tuple[LayerGradients, torch.Tensor]:
     """Pick ``k`` references for each of the ``[B, K]`` targets and get the layer gradients of
     targets and references from ONE forward pass and ONE :func:`class_gradients` request.
 
-    The selector runs on the logits of that forward (ConfusionContrast ignores them). Returns
-    the captured tensors for the request ``[targets | references.flatten]`` (``[B, K + K·k]``)
-    and the references ``[B, K, k]``. ``layout`` is passed on to :func:`class_gradients`.
+    The selector runs on the logits of that forward. Returns the captured tensors for the
+    request ``[targets | references.flatten]`` (``[B, K + K·k]``) and the references
+    ``[B, K, k]``. ``layout`` is passed on to :func:`class_gradients`.
+
+    Empty slots (:data:`~saliency.targets.PADDING`, a ``ConfusionContrast`` with
+    ``fallback="none"``) are accepted only with ``allow_padding``: the references keep ``-1``
+    there and the gradient requested for that slot is the target's own (a placeholder the
+    caller must mask out). Otherwise they are an error naming the fix.
     """
     batch, num_targets = targets.shape
     flat_targets = targets.reshape(-1)
@@ -46,8 +53,16 @@ def reference_gradients(
                 f"{flat_targets.shape[0]} targets"
             )
         references = references.long().to(targets.device).reshape(batch, num_targets, -1)
+        empty = references == PADDING
+        if bool(empty.any()) and not allow_padding:
+            raise ConfigurationError(
+                f"the reference selector {selector!r} left contrast slots empty (fallback "
+                f"'none'), but this method needs k references for every target: use "
+                f"fallback: top_predictions"
+            )
         chosen["references"] = references
-        return torch.cat([targets, references.reshape(batch, -1)], dim=1)
+        requested = torch.where(empty, targets[:, :, None], references)
+        return torch.cat([targets, requested.reshape(batch, -1)], dim=1)
 
     # Pass layout only when given: the default call keeps class_gradients' 4-argument form.
     extra = {"layout": layout} if layout is not None else {}

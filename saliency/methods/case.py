@@ -15,6 +15,7 @@ from saliency.methods._contrastive import Selector, reference_gradients
 from saliency.methods.base import SaliencyMethod
 from saliency.methods.gradient_cams import weighted_sum
 from saliency.methods.registry import register_method
+from saliency.targets import PADDING
 
 Projection = Literal["full", "weights"]
 
@@ -33,7 +34,9 @@ class CASE(SaliencyMethod):
     ``w̄ = mean_v mean_{ij} γ_v``, and project the channel-weight vectors ``[C]``. Pooling is
     linear, so both give ``w_u − c·w̄`` and differ only in the coefficient ``c``.
     Targets and contrasts come from one forward and one :func:`class_gradients` call.
-    ``eps`` (unspecified in the paper) defaults to 1e-8. ``layout`` (``"nchw"``, ``"nhwc"``,
+    ``eps`` (unspecified in the paper) defaults to 1e-8. A contrast set with empty slots
+    (``ConfusionContrast(fallback="none")`` for a target with fewer than k confusions) averages
+    γ̄ over its valid contrasts; with none, γ̄ = 0 and the map is plain Grad-CAM. ``layout`` (``"nchw"``, ``"nhwc"``,
     ``"tokens"``, ``None`` = detect): how the layer's output becomes ``[B, C, h, w]``
     (:mod:`saliency.feature_layout`), so CASE also runs on ViT token layers.
     """
@@ -69,13 +72,18 @@ class CASE(SaliencyMethod):
 
     def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         captured, contrasts = reference_gradients(
-            self.model, images, self.layer, classes, self.contrast, self.layout
-        )
+            self.model, images, self.layer, classes, self.contrast, self.layout,
+            allow_padding=True,
+        )  # fmt: skip
         num_targets = classes.shape[1]
         gradients = captured.gradients  # [B, K + K·k, C, h, w]
         target = gradients[:, :num_targets]  # [B, K, C, h, w]
         contrast = gradients[:, num_targets:].unflatten(1, contrasts.shape[1:])
-        mean_contrast = contrast.mean(dim=2)  # [B, K, C, h, w]  (Eq. 4)
+        # Eq. 4 over the valid contrasts only (empty slots: fallback "none"); none → γ̄ = 0.
+        valid = (contrasts != PADDING).to(contrast.dtype)  # [B, K, k]
+        count = valid.sum(dim=2).clamp_min(1.0)
+        weights = (valid / count[..., None])[..., None, None, None]
+        mean_contrast = (weights * contrast).sum(dim=2)  # [B, K, C, h, w]  (Eq. 4)
         if self.projection == "full":
             weights = project_out(target.flatten(2), mean_contrast.flatten(2), self.eps)
             weights = weights.view_as(target).mean(dim=(-2, -1))  # [B, K, C]
