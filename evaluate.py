@@ -14,13 +14,18 @@ and the offline W&B run under ``outputs/<run_name>/`` (default run name:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def main(argv: Sequence[str] | None = None):
     import lightning as L
     import numpy as np
 
-    from callbacks.saliency_evaluation import CONFUSION_FROM_VALIDATION, SaliencyEvaluationCallback
+    from callbacks.saliency_evaluation import (
+        CONFUSION_FROM_HOLDOUT,
+        CONFUSION_FROM_VALIDATION,
+        SaliencyEvaluationCallback,
+    )
     from datamodules.test_subset import sample_test_split
     from lightning_modules.cli import CONFIG_DIR, ProjectCLI, alias_seed, finish_wandb
     from lightning_modules.evaluation import SaliencyEvaluationModule
@@ -61,13 +66,13 @@ def main(argv: Sequence[str] | None = None):
         cli.datamodule.setup("test")
     sample = cli.datamodule.test_dataloader().dataset[0]
     device_type = trainer.strategy.root_device.type
-    matrix = cli.model.confusion_matrix_path
-    if evaluation.confusion_matrix == CONFUSION_FROM_VALIDATION:
+    matrix = _held_out_confusion_matrix(cli, evaluation)
+    if matrix in (CONFUSION_FROM_VALIDATION, CONFUSION_FROM_HOLDOUT):
         evaluation.confusion_matrix = None
-        # check the whole config with a stand-in matrix before the validation pass
+        # check the whole config with a stand-in matrix before the matrix is computed
         stand_in = np.ones((cli.model.num_classes, cli.model.num_classes))
         evaluation.prepare(cli.model.network, sample, stand_in, device_type)
-        matrix = _validation_confusion_matrix(cli, trainer)
+        matrix = _computed_confusion_matrix(cli, trainer, evaluation, matrix)
     evaluation.prepare(cli.model.network, sample, matrix, device_type)
     trainer.test(cli.model, datamodule=cli.datamodule)
     finish_wandb(trainer)
@@ -76,16 +81,61 @@ def main(argv: Sequence[str] | None = None):
     return evaluation
 
 
-def _validation_confusion_matrix(cli, trainer):
-    """CASE's contrast classes for a model without a training run (e.g. pretrained): its
-    confusion matrix on the datamodule's validation split, each sample counted once (also
-    under DDP), saved as ``<run_dir>/confusion_matrix.{npy,csv}``."""
-    from callbacks.confusion_matrix import ConfusionMatrixCallback
+def _held_out_confusion_matrix(cli, evaluation):
+    """The confusion matrix CASE's ``confusion`` selectors will read — a file, or
+    ``validate`` / ``holdout`` (computed next) — checked to come from data disjoint from the
+    explained test split (:func:`callbacks.confusion_matrix.check_held_out`), before any
+    computation. Without a ``confusion`` selector nothing is checked."""
+    from callbacks.confusion_matrix import check_held_out, read_provenance
+    from callbacks.saliency_evaluation import CONFUSION_FROM_HOLDOUT, CONFUSION_FROM_VALIDATION
+    from datamodules.split_source import split_source
 
-    callback = ConfusionMatrixCallback(output_dir=str(cli.run_dir))
+    matrix = evaluation.confusion_matrix or cli.model.confusion_matrix_path
+    if matrix is None or not any(s.needs_confusion_matrix for s in evaluation.method_specs):
+        return matrix
+    explained = split_source(cli.datamodule, "test")
+    if matrix == CONFUSION_FROM_VALIDATION:
+        check_held_out(split_source(cli.datamodule, "val"), explained, "validate: the val split")
+    elif matrix == CONFUSION_FROM_HOLDOUT:
+        check_held_out(split_source(cli.datamodule, "train"), explained, "holdout of train")
+    elif Path(matrix).is_file():
+        provenance = read_provenance(matrix) or {}
+        check_held_out(provenance.get("source"), explained, str(matrix))
+    return matrix
+
+
+def _computed_confusion_matrix(cli, trainer, evaluation, kind: str) -> Path:
+    """CASE's contrast classes for a model without a usable training-run matrix (e.g.
+    pretrained): its confusion matrix on the datamodule's validation split (``validate``) or on
+    a seeded per-class sample of its train split (``holdout``; the same on every rank), each
+    sample counted once (also under DDP), saved with its provenance as
+    ``<run_dir>/confusion_matrix.{npy,csv,json}``."""
+    from callbacks.confusion_matrix import ConfusionMatrixCallback
+    from callbacks.saliency_evaluation import CONFUSION_FROM_VALIDATION
+
+    if kind == CONFUSION_FROM_VALIDATION:
+        callback = ConfusionMatrixCallback(output_dir=str(cli.run_dir))
+        run = {"datamodule": cli.datamodule}
+    else:
+        from torch.utils.data import DataLoader
+
+        from datamodules.split_source import split_source
+        from datamodules.train_holdout import train_holdout
+
+        per_class, seed = evaluation.confusion_holdout_per_class, evaluation.confusion_holdout_seed
+        holdout = train_holdout(cli.datamodule, per_class, seed)
+        template = cli.datamodule.test_dataloader()  # batch size, workers, collation
+        loader = DataLoader(
+            holdout, batch_size=template.batch_size, num_workers=template.num_workers,
+            collate_fn=template.collate_fn,
+        )  # fmt: skip
+        source = split_source(cli.datamodule, "train")
+        split = f"train hold-out: {per_class} per class, seed {seed}"
+        callback = ConfusionMatrixCallback(str(cli.run_dir), source=source, split=split)
+        run = {"dataloaders": loader}
     trainer.callbacks.append(callback)
     try:
-        trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        trainer.validate(cli.model, verbose=False, **run)
     finally:
         trainer.callbacks.remove(callback)
     trainer.strategy.barrier()  # rank zero has written the file

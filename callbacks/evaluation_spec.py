@@ -11,7 +11,8 @@ A method entry is a registered name or a mapping::
 
 Selector mappings (``{selector: ..., k: ...}``) anywhere in ``kwargs`` become selector objects:
 ``confusion`` (CASE: :class:`~saliency.targets.ConfusionContrast` on the confusion matrix the
-training run saved), ``logit_neighbours``, ``top_predictions`` and ``class_set``. A metric entry
+training run saved; options ``k`` and ``fallback: top_predictions | none``),
+``logit_neighbours``, ``top_predictions`` and ``class_set``. A metric entry
 is a name from :data:`callbacks.evaluation_metrics.METRICS` or ``{name, label, kwargs}``.
 """
 
@@ -181,3 +182,16 @@ def resolve_selectors(value: Any, confusion_matrix: str | Path | None) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(resolve_selectors(v, confusion_matrix) for v in value)
     return value
+
+
+def matrix_contrast_selectors(value: Any) -> list[Any]:
+    """The selectors in resolved method ``kwargs`` (nested too, e.g. a VAR base's) that can say
+    how many of a target's contrasts came from a confusion matrix (``contrasts_from_matrix``);
+    the evaluation records that count per sample."""
+    if callable(getattr(value, "contrasts_from_matrix", None)):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [found for item in value for found in matrix_contrast_selectors(item)]
+    return []

@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import WandbLogger
 from callbacks.evaluation_metrics import CURVE_POINTS, METRICS, MetricContext
 from callbacks.evaluation_spec import (
     MethodSpec,
+    matrix_contrast_selectors,
     parse_methods,
     parse_metrics,
     resolve_selectors,
@@ -52,13 +53,24 @@ from saliency.metrics.per_sample import PerSampleValues
 log = logging.getLogger(__name__)
 INPUT_LAYER = "input"  # the layer label of methods that explain the input (no layer)
 CONFUSION_FROM_VALIDATION = "validate"  # evaluation.confusion_matrix: computed by evaluate.py
+CONFUSION_FROM_HOLDOUT = "holdout"  # ... on a seeded per-class hold-out of the train split
+CONTRASTS_FROM_MATRIX = "contrasts_from_matrix"  # per_sample.parquet column
 
 
 class _Combination:
     """One built method at one layer."""
 
-    def __init__(self, spec: MethodSpec, layer: str, method: Any) -> None:
+    def __init__(self, spec: MethodSpec, layer: str, method: Any, counters: list[Any]) -> None:
         self.spec, self.layer, self.method = spec, layer, method
+        self.counters = counters  # its confusion selectors (contrasts_from_matrix)
+
+    def contrasts_from_matrix(self, classes: torch.Tensor) -> torch.Tensor | None:
+        """``[B]``: per sample, the fewest contrasts taken from the confusion matrix among the
+        explained ``classes [B, K]`` (over its selectors); None without a confusion selector."""
+        if not self.counters:
+            return None
+        counts = [c.contrasts_from_matrix(classes.reshape(-1)) for c in self.counters]
+        return torch.stack(counts).amin(dim=0).view_as(classes).amin(dim=1)
 
     def maps(self, images: torch.Tensor, classes: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.method(images, classes, **kwargs)
@@ -82,9 +94,14 @@ class SaliencyEvaluationCallback(L.Callback):
         sample_size / sample_seed: evaluate a fixed random sample of the test split
             (``evaluate.py`` restricts the loader: :func:`datamodules.test_subset.sample_test_split`).
         confusion_matrix: ``.npy``/``.csv`` for ``confusion`` selectors; default: the one the
-            training run saved next to the checkpoint. ``validate``: ``evaluate.py`` first
-            computes it on the datamodule's validation split (each sample once, also under
-            DDP) and saves it in the run directory (pretrained models have no training run).
+            training run saved next to the checkpoint. ``evaluate.py`` computes one first (each
+            sample once, also under DDP; saved as ``<run>/confusion_matrix.npy`` with its
+            provenance) for ``validate``: on the datamodule's validation split, or
+            ``holdout``: on a seeded per-class hold-out of the train split (pretrained models
+            whose validation split is the explained one, e.g. ImageNet). A matrix computed on
+            the explained split is refused (:mod:`callbacks.confusion_matrix`).
+        confusion_holdout_per_class / confusion_holdout_seed: size (images per class, all of
+            a smaller class) and seed of the ``holdout`` sample.
         perturbation_batch_size: images per forward pass of perturbation metrics.
         gallery_size: samples (the lowest indices) whose maps are drawn in ``gallery/``.
         sanity_check: cascading randomisation (Adebayo et al. 2018; VAR Fig. 6) on the first
@@ -109,6 +126,8 @@ class SaliencyEvaluationCallback(L.Callback):
         sample_size: int | None = None,
         sample_seed: int = 0,
         confusion_matrix: str | None = None,
+        confusion_holdout_per_class: int = 50,
+        confusion_holdout_seed: int = 0,
         perturbation_batch_size: int = 256,
         gallery_size: int = 4,
         sanity_check: dict[str, Any] | None = None,
@@ -136,6 +155,13 @@ class SaliencyEvaluationCallback(L.Callback):
         self.sample_size = sample_size
         self.sample_seed = sample_seed
         self.confusion_matrix = confusion_matrix
+        if isinstance(confusion_holdout_per_class, bool) or confusion_holdout_per_class < 1:
+            raise ConfigurationError(
+                f"evaluation.confusion_holdout_per_class must be a positive number of train "
+                f"images per class, got {confusion_holdout_per_class!r}"
+            )
+        self.confusion_holdout_per_class = confusion_holdout_per_class
+        self.confusion_holdout_seed = confusion_holdout_seed
         self.perturbation_batch_size = perturbation_batch_size
         self.gallery_size = gallery_size
         self.sanity_check = _check_sanity_options(sanity_check, gallery_size)
@@ -200,10 +226,13 @@ class SaliencyEvaluationCallback(L.Callback):
                     f"with annotations (shapes, CUB, COCO)"
                 )
         matrix = self.confusion_matrix or confusion_matrix
-        if isinstance(matrix, str) and matrix == CONFUSION_FROM_VALIDATION:
+        if isinstance(matrix, str) and matrix in (
+            CONFUSION_FROM_VALIDATION,
+            CONFUSION_FROM_HOLDOUT,
+        ):
             raise ConfigurationError(
-                f"evaluation.confusion_matrix={CONFUSION_FROM_VALIDATION!r} is resolved by "
-                f"evaluate.py (it validates first); call prepare() with the computed matrix"
+                f"evaluation.confusion_matrix={matrix!r} is resolved by evaluate.py (it "
+                f"computes the matrix first); call prepare() with the computed matrix"
             )
         if isinstance(matrix, (str, Path)) and not Path(matrix).is_file():
             raise ConfigurationError(f"confusion matrix not found: {matrix}")
@@ -225,7 +254,8 @@ class SaliencyEvaluationCallback(L.Callback):
                 label = used if isinstance(used, str) else INPUT_LAYER
                 if any(c.spec is spec and c.layer == label for c in combinations):
                     continue  # a layer-free method runs once, not once per layer
-                combinations.append(_Combination(spec, label, method))
+                counters = matrix_contrast_selectors(kwargs)
+                combinations.append(_Combination(spec, label, method, counters))
         return combinations
 
     # ------------------------------------------------------------------------- per batch
@@ -302,7 +332,7 @@ class SaliencyEvaluationCallback(L.Callback):
                             values[(*key, spec.label + suffix)] = value.float()
                         for kind, curve in metric_curves.items():
                             curves.setdefault((*key, kind), curve)
-        self._batch_columns = columns
+        self._batch_columns, self._batch_classes = columns, classes
         return values, curves, batch
 
     def _value_keys(self) -> tuple[list[tuple], list[tuple]]:
@@ -335,6 +365,12 @@ class SaliencyEvaluationCallback(L.Callback):
             k: PerSampleValues(row_shape=(CURVE_POINTS,)).to(device) for k in curve_keys
         }
         self._predictions = PerSampleValues(row_shape=(5,)).to(device)
+        self._contrast_counts = {
+            (c.spec.label, c.layer, policy.name): PerSampleValues(row_shape=()).to(device)
+            for c in self.combinations
+            if c.counters
+            for policy in self.policies
+        }
         self._gallery_indices = set(first_test_indices(trainer.test_dataloaders, self.gallery_size))
         self._gallery: list[dict[str, Any]] = []
         if trainer.is_global_zero:
@@ -358,7 +394,20 @@ class SaliencyEvaluationCallback(L.Callback):
         for key, curve in curves.items():
             self._curves[key].update(curve, used["index"])
         if values:
+            self._count_matrix_contrasts(used, pl_module.device)
             self._keep_gallery(used, logits if not self.correct_only else None, trainer)
+
+    def _count_matrix_contrasts(self, batch: dict[str, Any], device: torch.device) -> None:
+        """Per (method, layer, policy) with a confusion selector: how many contrasts of the
+        explained classes came from the matrix (the fewest among a policy's classes)."""
+        for combination in self.combinations:
+            for policy in self.policies:
+                key = (combination.spec.label, combination.layer, policy.name)
+                if key not in self._contrast_counts:
+                    continue
+                chosen = [self._batch_columns.index(c) for c in policy.columns(batch)]
+                counts = combination.contrasts_from_matrix(self._batch_classes[:, chosen])
+                self._contrast_counts[key].update(counts.to(device), batch["index"])
 
     def _keep_gallery(self, batch, logits, trainer) -> None:
         wanted = [
@@ -418,7 +467,9 @@ class SaliencyEvaluationCallback(L.Callback):
             )
         curves = {key: state.compute()[1].cpu().numpy() for key, state in self._curves.items()}
         gallery = _gather_objects(self._gallery)
-        self.per_sample = pd.concat(frames, ignore_index=True).merge(samples, on="index")
+        self.per_sample = self._with_contrast_counts(
+            pd.concat(frames, ignore_index=True).merge(samples, on="index")
+        )
         self.summary = summarise(self.per_sample, self.agreement_threshold)
         self.stats = method_tests(
             self.per_sample, self.reference_method, self.agreement_threshold,
@@ -430,6 +481,24 @@ class SaliencyEvaluationCallback(L.Callback):
         gallery = sorted({g["index"]: g for g in gallery}.values(), key=lambda g: g["index"])
         self.sanity = self._run_sanity_check(pl_module, gallery)
         self._write_results(trainer, gallery)
+
+    def _with_contrast_counts(self, per_sample: pd.DataFrame) -> pd.DataFrame:
+        """``per_sample`` with the column ``contrasts_from_matrix`` (nullable int): filled for
+        the rows of methods with a confusion selector, NA for the others. Gathered and
+        de-duplicated by index like every per-sample value (collective: every rank calls it)."""
+        keys = ["method", "layer", "target_policy", "index"]
+        frames = []
+        for (method, layer, policy), state in self._contrast_counts.items():
+            indices, counts = (t.cpu() for t in state.compute())
+            frame = pd.DataFrame({"index": indices.numpy(), CONTRASTS_FROM_MATRIX: counts.numpy()})
+            frames.append(frame.assign(method=method, layer=layer, target_policy=policy))
+        if not frames:
+            return per_sample.assign(**{CONTRASTS_FROM_MATRIX: pd.NA}).astype(
+                {CONTRASTS_FROM_MATRIX: "Int64"}
+            )
+        counts = pd.concat(frames, ignore_index=True).round({CONTRASTS_FROM_MATRIX: 0})
+        merged = per_sample.merge(counts, on=keys, how="left")
+        return merged.astype({CONTRASTS_FROM_MATRIX: "Int64"})
 
     # ---------------------------------------------------------------------- outputs, W&B
     def _sanity_order(self, network: torch.nn.Module) -> list[str] | None:
@@ -603,6 +672,27 @@ class SaliencyEvaluationCallback(L.Callback):
         ]
         if self.correct_only:
             notes.append("Only correctly classified samples were explained.")
+        return notes + self._contrast_notes()
+
+    def _contrast_notes(self) -> list[str]:
+        """One line per method with a confusion selector: how often the matrix gave all k."""
+        notes = []
+        for combination in self.combinations:
+            if not combination.counters:
+                continue
+            selector = combination.counters[0]
+            rows = self.per_sample[
+                (self.per_sample["method"] == combination.spec.label)
+                & (self.per_sample["layer"] == combination.layer)
+            ].drop_duplicates(["target_policy", "index"])[CONTRASTS_FROM_MATRIX]
+            if rows.empty:
+                continue
+            notes.append(
+                f"{combination.spec.label} ({combination.layer}): all k={selector.k} contrasts "
+                f"came from the confusion matrix for {rows.eq(selector.k).mean():.0%} of the "
+                f"explained samples (mean {rows.mean():.2f}); the rest from fallback "
+                f"{selector.fallback!r} (per sample: per_sample.parquet {CONTRASTS_FROM_MATRIX})."
+            )
         return notes
 
     def _log_wandb(self, trainer: L.Trainer, plot_paths, gallery_paths) -> None:
@@ -788,7 +878,9 @@ def _log_to_run(run, callback: SaliencyEvaluationCallback, plot_paths, gallery_p
         },
         allow_val_change=True,
     )
-    per_sample = callback.per_sample.astype({"value": np.float64})
+    per_sample = callback.per_sample.astype(
+        {"value": np.float64, CONTRASTS_FROM_MATRIX: np.float64}
+    )
     run.log(
         {
             "eval/summary_table": wandb.Table(dataframe=summary),

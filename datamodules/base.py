@@ -150,6 +150,17 @@ class FileDataModule(L.LightningDataModule, ABC):
             self._datasets[split] = self.build_dataset(split)
         return self._datasets[split]
 
+    def unaugmented_dataset(self, split: str) -> Dataset:
+        """``split`` with the evaluation transform: the train split is rebuilt (not cached)
+        without its random augmentation, e.g. to compute a confusion matrix on train images."""
+        if split != "train" or not self.train_augment:
+            return self.dataset(split)
+        self.train_augment = False
+        try:
+            return self.build_dataset(split)
+        finally:
+            self.train_augment = True
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.dataset(split),

@@ -13,10 +13,11 @@ Python 3 (bytes keys) are both read.
 
 ``download=True`` fetches and extracts the archive with torchvision's downloader when the
 files are missing; without network that fails with a :class:`DatasetLayoutError` saying
-where to put the files. Splits: ``train`` = the train file; ``val`` = the test file when
-``val_fraction`` is 0 (the usual CIFAR protocol, val = test), else a seeded stratified
-hold-out of ``val_fraction`` of the train file (``train`` then holds the rest); ``test`` =
-the test file. Images are upsampled to ``image_size²`` with a plain resize (no crop:
+where to put the files. Splits: ``train`` = the train file; ``val`` = a seeded stratified
+hold-out of ``val_fraction`` (default 0.1, 50 images per class) of the train file (``train``
+then holds the rest), so that a confusion matrix of ``val`` (CASE's contrast classes) never
+comes from the test images it explains; ``val_fraction: 0`` makes ``val`` the test file (the
+usual CIFAR protocol, val = test); ``test`` = the test file. Images are upsampled to ``image_size²`` with a plain resize (no crop:
 ``resize_size`` None), e.g. 224 for ImageNet-sized models.
 """
 
@@ -88,6 +89,10 @@ class CIFAR100Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
+    def label_of(self, index: int) -> int:
+        """The label of item ``index`` without decoding its image."""
+        return int(self.labels[self.positions[index]])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         position = int(self.positions[index])
         image, _, _ = transform_sample(self.transform, Image.fromarray(self.images[position]))
@@ -100,8 +105,8 @@ class CIFAR100DataModule(FileDataModule):
     Args:
         root: directory holding ``cifar-100-python/`` (or that folder itself).
         download: fetch the archive with torchvision when the files are missing.
-        val_fraction: 0 → ``val`` is the test set; in (0, 1) → a seeded stratified hold-out
-            of the train set.
+        val_fraction: in (0, 1) (default 0.1) → ``val`` is a seeded stratified hold-out of
+            the train set; 0 → ``val`` is the test set.
         split_seed: seed of that hold-out.
         image_size: output side; 32 keeps the native size, e.g. 224 upsamples (plain resize).
         resize_size: ``None`` (default) resizes straight to ``image_size²``; a value resizes
@@ -115,7 +120,7 @@ class CIFAR100DataModule(FileDataModule):
         self,
         root: str | Path = "data/cifar100",
         download: bool = False,
-        val_fraction: float = 0.0,
+        val_fraction: float = 0.1,
         split_seed: int = 0,
         batch_size: int = 128,
         num_workers: int = 4,
@@ -241,6 +246,11 @@ class CIFAR100DataModule(FileDataModule):
         labels = self._arrays("train")[1]
         kept, held = stratified_holdout(labels.tolist(), self.val_fraction, self.split_seed)
         return np.asarray(kept, dtype=np.int64), np.asarray(held, dtype=np.int64)
+
+    def split_source(self, split: str) -> str:
+        """``CIFAR-100/test`` or ``CIFAR-100/train`` (:mod:`datamodules.split_source`)."""
+        held_out = split == "val" and self.val_fraction > 0
+        return f"CIFAR-100/{'train' if split == 'train' or held_out else 'test'}"
 
     def build_dataset(self, split: str) -> Dataset:
         transform = self.transform(split)

@@ -431,6 +431,10 @@ class COCODataModule(FileDataModule):
         """``train<year>`` for ``train``, ``val<year>`` for ``val`` and ``test``."""
         return f"{'train' if split == 'train' else 'val'}{self.year}"
 
+    def split_source(self, split: str) -> str:
+        """``COCO/val2017`` (val and test) or ``COCO/train2017`` (:mod:`datamodules.split_source`)."""
+        return f"COCO/{self.split_folder(split)}"
+
     def build_dataset(self, split: str) -> COCODataset:
         layout = expected_layout(self.year)
         require_path(self.root, "COCO root", layout)

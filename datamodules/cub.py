@@ -28,9 +28,10 @@ Conventions:
   y2 = y + height`` (CUB's ``x, y`` is the top-left corner, ``width/height`` the extent), then
   they follow the transform.
 * splits: ``train`` = ``is_training_image == 1`` (5,994 images), ``test`` = 0 (5,794);
-  ``val`` is the test split (``val_fraction=0``, the common practice) or, with
-  ``val_fraction > 0``, a seeded per-class fraction of the official training images, which
-  are then removed from ``train``.
+  ``val`` is a seeded per-class fraction ``val_fraction`` (default 0.1, 3 images per class) of
+  the official training images, which are then removed from ``train`` — so a confusion
+  matrix of ``val`` (CASE's contrast classes) never comes from the test images it explains;
+  ``val_fraction=0`` makes ``val`` the test split (the common practice for accuracy).
 """
 
 from __future__ import annotations
@@ -217,8 +218,8 @@ class CUBDataModule(FileDataModule):
             ``segmentations.tgz``); when given, samples carry ``mask``. A relative path is
             taken relative to ``root``.
         mask_threshold: a pixel is bird where the segmentation value ≥ ``threshold × 255``.
-        val_fraction: 0 → ``val`` is the official test split; in (0, 1) → a seeded per-class
-            fraction of the training images (removed from ``train``).
+        val_fraction: in (0, 1) (default 0.1) → ``val`` is a seeded per-class fraction of the
+            training images (removed from ``train``); 0 → ``val`` is the official test split.
         split_seed: seed of that holdout.
         batch_size, num_workers, image_size, resize_size, mean, std, interpolation,
         transform_from_model, train_augment: see :class:`FileDataModule`.
@@ -232,7 +233,7 @@ class CUBDataModule(FileDataModule):
         root: str | Path,
         segmentations_root: str | Path | None = None,
         mask_threshold: float = 0.5,
-        val_fraction: float = 0.0,
+        val_fraction: float = 0.1,
         split_seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 4,
@@ -347,6 +348,11 @@ class CUBDataModule(FileDataModule):
         train = [r for r in records if r.is_train]
         held_out = holdout_split([r.label for r in train], self.val_fraction, self.split_seed)
         return [r for r, out in zip(train, held_out, strict=True) if out == (split == "val")]
+
+    def split_source(self, split: str) -> str:
+        """``CUB-200-2011/test`` or ``…/train`` (:mod:`datamodules.split_source`)."""
+        held_out = split == "val" and self.val_fraction > 0
+        return f"CUB-200-2011/{'train' if split == 'train' or held_out else 'test'}"
 
     def build_dataset(self, split: str) -> CUBDataset:
         records = self.split_records(split)

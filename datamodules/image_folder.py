@@ -161,6 +161,15 @@ class ImageFolderDataModule(FileDataModule):
         )
         return [records[i] for i in kept], [records[i] for i in held]
 
+    def split_source(self, split: str) -> str:
+        """``ImageFolder <root name>/<folder>``: the folder ``split`` reads (the train folder
+        for a ``val_fraction`` hold-out), so ``val_dir: test`` gives val the test's source
+        (:mod:`datamodules.split_source`)."""
+        held_out = split == "val" and self.val_fraction > 0
+        directory = self.split_dirs["train" if held_out else split]
+        folder = "<none>" if directory is None else directory.relative_to(self.root).as_posix()
+        return f"ImageFolder {self.root.resolve().name}/{folder}"
+
     def build_dataset(self, split: str) -> Dataset:
         if split == "train":
             records = self._train_split[0]

@@ -364,6 +364,11 @@ class ImageNetDataModule(FileDataModule):
         return folders
 
     # ----------------------------------------------------------------- splits
+    def split_source(self, split: str) -> str:
+        """``ImageNet-1k/val`` (the val and test splits) or ``ImageNet-1k/train``
+        (:mod:`datamodules.split_source`)."""
+        return f"ImageNet-1k/{'train' if split == 'train' else 'val'}"
+
     def build_dataset(self, split: str) -> Dataset:
         if split == "test":
             return self.dataset("val")

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import collate_samples
+from datamodules.split_source import split_source
 from saliency.errors import ConfigurationError
 from saliency.metrics.functional.localisation import grid_cell_masks
 
@@ -595,6 +596,11 @@ class QuadGridDataModule(L.LightningDataModule):
         )
 
     # -- grids --------------------------------------------------------------------------------
+
+    def split_source(self, split: str) -> str | None:
+        """The base's source of ``split``: grids of split s are built from the base's split s
+        (:mod:`datamodules.split_source`); None when the base declares none."""
+        return split_source(self.base, split)
 
     def dataset(self, split: str) -> QuadGridDataset:
         """The grids of ``split`` (built once; ``<split>_samples`` of them)."""

@@ -60,6 +60,13 @@ class ShapesDataModule(L.LightningDataModule):
     def class_names(self) -> list[str]:
         return self.config.class_names
 
+    def split_source(self, split: str) -> str:
+        """Splits are generated from ``(config, split name)``: distinct for distinct names
+        (:mod:`datamodules.split_source`)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return f"shapes({self.config})/{split}"
+
     def dataset(self, split: str) -> ShapesDataset:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")

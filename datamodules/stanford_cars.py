@@ -22,7 +22,10 @@ Conventions:
   pixel-edge xyxy: ``x1' = x1 − 1, y1' = y1 − 1, x2' = x2, y2' = y2`` (a box over 1-based
   columns 1..10 covers 0-based columns 0..9, i.e. edges ``[0, 10]``), then follow the transform.
 * splits: ``train`` = ``cars_train_annos.mat``, ``test`` = ``cars_test_annos_withlabels.mat``;
-  ``val`` is the test split (``val_fraction=0``) or a seeded per-class fraction of train.
+  ``val`` is a seeded per-class fraction ``val_fraction`` (default 0.1, about 4 images per
+  class) of train, removed from ``train`` — so a confusion matrix of ``val`` (CASE's contrast
+  classes) never comes from the test images it explains; ``val_fraction=0`` makes ``val`` the
+  test split.
 """
 
 from __future__ import annotations
@@ -148,8 +151,8 @@ class StanfordCarsDataModule(FileDataModule):
     Args:
         root: the folder holding ``devkit/``, ``cars_train/``, ``cars_test/`` (or its parent
             holding it as ``stanford_cars/``).
-        val_fraction: 0 → ``val`` is the test split; in (0, 1) → a seeded per-class fraction
-            of the training images (removed from ``train``).
+        val_fraction: in (0, 1) (default 0.1) → ``val`` is a seeded per-class fraction of the
+            training images (removed from ``train``); 0 → ``val`` is the test split.
         split_seed: seed of that holdout.
         batch_size, num_workers, image_size, resize_size, mean, std, interpolation,
         transform_from_model, train_augment: see :class:`FileDataModule`.
@@ -158,7 +161,7 @@ class StanfordCarsDataModule(FileDataModule):
     def __init__(
         self,
         root: str | Path,
-        val_fraction: float = 0.0,
+        val_fraction: float = 0.1,
         split_seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 4,
@@ -234,6 +237,11 @@ class StanfordCarsDataModule(FileDataModule):
             path = self._annotation_path(official_split)
             self._annotations[official_split] = read_annotations(path, self.num_classes)
         return self._annotations[official_split]
+
+    def split_source(self, split: str) -> str:
+        """``Stanford Cars/test`` or ``…/train`` (:mod:`datamodules.split_source`)."""
+        held_out = split == "val" and self.val_fraction > 0
+        return f"Stanford Cars/{'train' if split == 'train' or held_out else 'test'}"
 
     def build_dataset(self, split: str) -> StanfordCarsDataset:
         if split == "test" or (split == "val" and self.val_fraction == 0.0):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +17,9 @@ import torch
 
 import evaluate
 import train
+from callbacks.saliency_evaluation import CONTRASTS_FROM_MATRIX
+from datamodules import ShapesDataModule
+from datamodules.train_holdout import per_class_sample
 from lightning_modules.cli import run_cli
 from tests.conftest import TINY_DATA, TINY_SIZES, tiny_train_args
 
@@ -47,6 +52,9 @@ def test_training_run_directory_holds_everything(trained_run):
     assert (trained_run / "checkpoints" / "last.ckpt").is_file()
     matrix = np.load(trained_run / "confusion_matrix.npy")
     assert matrix.shape == (10, 10) and matrix.sum() == 30  # every validation sample once
+    provenance = json.loads((trained_run / "confusion_matrix.json").read_text())
+    assert provenance["source"] == ShapesDataModule().split_source("val")
+    assert (provenance["split"], provenance["samples"]) == ("val", 30)
     assert "seed_everything: 5" in (trained_run / "config.yaml").read_text()
 
 
@@ -74,6 +82,7 @@ WIDE = [
     "[feature_agreement, deletion_auc, "
     "{name: energy_pointing_game, label: mark_energy, kwargs: {mask_key: part_mask}}]",
     "--evaluation.gallery_size", "3",
+    "--evaluation.confusion_matrix", "holdout", "--evaluation.confusion_holdout_per_class", "3",
 ]  # fmt: skip
 
 
@@ -81,6 +90,7 @@ def test_ddp_evaluation_equals_single_device_each_sample_once(trained_run, tmp_p
     evaluation = evaluate.main(
         [*_evaluate_args(trained_run, tmp_path, "one"), *WIDE, "--trainer.devices", "1"]
     )
+    # CASE's matrix from a seeded 3-per-class hold-out of the train split (30 of its 96)
     summary = evaluation.summary.set_index(["method", "layer", "metric"])
     agreement = summary.loc[("grad_cam", "features.3", "feature_agreement")]
     assert np.isfinite(agreement[["mean", "wilcoxon_p"]].astype(float)).all()
@@ -105,6 +115,20 @@ def test_ddp_evaluation_equals_single_device_each_sample_once(trained_run, tmp_p
     assert (double[keys].to_numpy() == single[keys].to_numpy()).all()
     np.testing.assert_allclose(double["value"].to_numpy(), single["value"].to_numpy(), atol=1e-6)
     assert (double["top1"].to_numpy() == single["top1"].to_numpy()).all()
+    column = CONTRASTS_FROM_MATRIX
+    assert double[column].equals(single[column]) and single[column].notna().sum() == 2 * 3 * 7
+    # the hold-out matrix: train samples only, 3 per class, each once, the same under DDP
+    matrices = [np.load(tmp_path / run / "confusion_matrix.npy") for run in ("one", "two")]
+    np.testing.assert_array_equal(*matrices)
+    assert matrices[0].sum() == 30 and (matrices[0].sum(axis=1) == 3).all()
+    provenance = [
+        json.loads((tmp_path / r / "confusion_matrix.json").read_text()) for r in ("one", "two")
+    ]
+    assert provenance[0] == provenance[1]
+    chosen = per_class_sample([i % 10 for i in range(96)], 3, 0)
+    digest = hashlib.sha256(np.asarray(chosen, dtype=np.int64).tobytes()).hexdigest()
+    assert provenance[0]["source"] == ShapesDataModule().split_source("train")
+    assert (provenance[0]["samples"], provenance[0]["indices_sha256"]) == (30, digest)
     # the same comparisons on the same samples (t statistics of near-identical methods, whose
     # differences are ~1e-6, are not compared: float noise of that size moves them)
     stats = [pd.read_csv(tmp_path / run / "stats.csv") for run in ("one", "two")]

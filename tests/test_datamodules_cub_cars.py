@@ -112,7 +112,11 @@ def cub_parent(tmp_path: Path) -> Path:
 
 
 def test_cub_splits_labels_names_and_attributes(cub_parent: Path):
-    data = CUBDataModule(cub_parent, **TRANSFORM)
+    # By default val is a hold-out of train (CASE's confusion matrix must not see the test set)
+    default = CUBDataModule(cub_parent, **TRANSFORM)
+    assert default.val_fraction == 0.1 and default.split_source("val") == "CUB-200-2011/train"
+    data = CUBDataModule(cub_parent, val_fraction=0.0, **TRANSFORM)
+    assert data.split_source("val") == data.split_source("test") == "CUB-200-2011/test"
     assert data.num_classes == 3
     assert data.class_names == ["Red Bird", "Blue Bird", "Green Bird"]
     assert data.class_dirnames == CUB_CLASSES
@@ -254,7 +258,9 @@ def test_mat_nesting_matches_the_devkit_and_both_squeeze_styles_parse(cars_root:
 
 
 def test_cars_splits_labels_names_and_boxes(cars_root: Path):
-    data = StanfordCarsDataModule(cars_root.parent, **TRANSFORM)  # finds stanford_cars/
+    default = StanfordCarsDataModule(cars_root.parent, **TRANSFORM)  # finds stanford_cars/
+    assert default.val_fraction == 0.1 and default.split_source("val") == "Stanford Cars/train"
+    data = StanfordCarsDataModule(cars_root.parent, val_fraction=0.0, **TRANSFORM)
     assert data.num_classes == 3 and data.class_names == CAR_CLASSES
     train, test = data.dataset("train"), data.dataset("test")
     assert len(train) == len(test) == 6 and len(data.dataset("val")) == 6

@@ -197,10 +197,13 @@ def cifar_module(root: Path, **kwargs) -> CIFAR100DataModule:
 
 @pytest.mark.parametrize("bytes_keys", [True, False])
 def test_cifar_splits_labels_names_and_pixels(tmp_path, bytes_keys):
-    dm = cifar_module(make_cifar(tmp_path, bytes_keys))
+    root = make_cifar(tmp_path, bytes_keys)
+    assert cifar_module(root).split_source("val") == "CIFAR-100/train"  # default: a hold-out
+    dm = cifar_module(root, val_fraction=0.0)
     assert dm.num_classes == 100 and dm.class_names == FINE_NAMES
     train, val, test = dm.dataset("train"), dm.dataset("val"), dm.dataset("test")
-    assert (len(train), len(val), len(test)) == (16, 4, 4)  # val = test without val_fraction
+    assert (len(train), len(val), len(test)) == (16, 4, 4)  # val = test with val_fraction 0
+    assert dm.split_source("val") == dm.split_source("test") == "CIFAR-100/test"
     assert [test[i]["label"] for i in range(4)] == [5, 7, 5, 7]
     sample = train[6]
     assert sample["index"] == 6 and sample["label"] == 2

@@ -4,20 +4,25 @@ back, bad configs rejected before any computation, atomic results, training-time
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import evaluate
 import train
 from callbacks.run_outputs import is_complete
-from callbacks.saliency_evaluation import SaliencyEvaluationCallback
+from callbacks.saliency_evaluation import CONTRASTS_FROM_MATRIX, SaliencyEvaluationCallback
+from datamodules import ShapesDataModule
 from lightning_modules.cli import run_cli
+from saliency.targets import ConfusionContrast
 from tests.conftest import TINY_DATA, TINY_SIZES, tiny_train_args
+from tests.test_datamodules_folder_cifar import make_cifar
 
 _RUNS = itertools.count()
 
@@ -91,6 +96,19 @@ def test_full_width_evaluation_writes_every_output(trained_run, tmp_path, monkey
     assert {p for *_, p, metric in combos if metric == "aupr1"} == {"top1", "ground_truth"}
     # 5 (method, layer) pairs × (1 pair value + 2 single policies × 4 values)
     assert len(combos) == 5 * (1 + 2 * 4)
+    # how many of CASE's k = 1 contrasts the matrix gave, per sample (fewest over a policy's
+    # explained classes); NA for methods without a confusion selector
+    is_case = frame["method"] == "case"
+    counts = frame[CONTRASTS_FROM_MATRIX]
+    assert counts[~is_case].isna().all() and counts[is_case].notna().all()
+    matrix = ConfusionContrast(trained_run / "confusion_matrix.npy", k=1)
+    explained = {"top1": ["top1"], "top1_vs_top2": ["top1", "top2"], "ground_truth": ["label"]}
+    case_rows = frame[is_case]
+    expected = [
+        min(int(matrix.contrasts_from_matrix(torch.tensor([row[c]]))) for c in explained[policy])
+        for policy, (_, row) in zip(case_rows["target_policy"], case_rows.iterrows(), strict=True)
+    ]
+    assert counts[is_case].tolist() == expected and len(set(expected)) == 2, expected
 
     summary = pd.read_csv(run_dir / "summary.csv")
     assert len(summary) == len(combos)
@@ -115,6 +133,7 @@ def test_full_width_evaluation_writes_every_output(trained_run, tmp_path, monkey
     links = [line.split("](")[1].split(")")[0] for line in report.splitlines() if "](" in line]
     assert links and all((run_dir / link).is_file() for link in links)
     assert "case" in report and "input_x_gradient" in report
+    assert "all k=1 contrasts came from the confusion matrix" in report
     assert not list(run_dir.glob(".staging-*"))
 
     summary_keys = wandb_run["summary"]
@@ -187,6 +206,25 @@ def test_bad_configs_fail_before_any_computation(trained_run, tmp_path, monkeypa
                  "[{name: case, kwargs: {contrast: {selector: confusion, k: 1}}}]"]  # fmt: skip
     message = _error(no_matrix, monkeypatch, capsys)
     assert "confusion matrix" in message and "evaluation.confusion_matrix" in message
+
+    # CASE's matrix from the split it explains: a training run validated on the test data ...
+    leaky = tmp_path / "leaky"
+    shutil.copytree(trained_run, leaky, ignore=shutil.ignore_patterns("wandb"))
+    provenance = json.loads((leaky / "confusion_matrix.json").read_text())
+    assert provenance["source"] == ShapesDataModule().split_source("val")
+    provenance["source"] = ShapesDataModule().split_source("test")
+    (leaky / "confusion_matrix.json").write_text(json.dumps(provenance))
+    case = ["--evaluation.methods", "[{name: case, kwargs: {contrast: {selector: confusion}}}]"]
+    checkpoint = ["--model.checkpoint", str(leaky / "checkpoints" / "last.ckpt")]
+    message = _error([*base, *checkpoint, *case], monkeypatch, capsys)
+    assert "'shapes(" in message and "/test'" in message and "confusion_matrix: holdout" in message
+    # ... and `validate` on a datamodule whose val split is its test split (CIFAR-100, val = test)
+    cifar = ["--data.class_path", "datamodules.CIFAR100DataModule",
+             "--data.init_args.root", str(make_cifar(tmp_path / "cifar")),
+             "--data.init_args.val_fraction", "0", "--data.init_args.num_workers", "0",
+             "--evaluation.confusion_matrix", "validate"]  # fmt: skip
+    message = _error([*_base(trained_run, tmp_path, "unused"), *cifar, *case], monkeypatch, capsys)
+    assert "'CIFAR-100/test'" in message and "confusion_matrix: holdout" in message
 
     message = _error([*base, "--evaluation.autocast", "true"], monkeypatch, capsys)
     assert "CUDA" in message
