@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,22 +200,15 @@ class SaliencyEvaluationCallback(L.Callback):
             )
         keys = set(sample)
         for policy in self.policies:
-            missing = [k for k in policy.needs if k not in keys]
-            if missing:
-                raise ConfigurationError(
-                    f"target policy {policy.name!r} needs {missing} in each sample, but the "
-                    f"dataset gives only {sorted(keys)}; use a grid datamodule "
-                    f"(e.g. configs/data/quad_shapes.yaml) or drop the policy"
-                )
+            _require_keys(
+                keys, policy.needs, f"target policy {policy.name!r}",
+                "use a grid datamodule (e.g. configs/data/quad_shapes.yaml) or drop the policy",
+            )  # fmt: skip
         for spec in self.metric_specs:
-            needed = METRICS[spec.name].needed_keys(spec.kwargs)
-            missing = [k for k in needed if k not in keys]
-            if missing:
-                raise ConfigurationError(
-                    f"metric {spec.label!r} needs {missing} (masks/boxes) in each sample, but "
-                    f"the dataset gives only {sorted(keys)}; drop the metric or choose a dataset "
-                    f"with annotations (shapes, CUB, COCO)"
-                )
+            _require_keys(
+                keys, METRICS[spec.name].needed_keys(spec.kwargs), f"metric {spec.label!r}",
+                "drop the metric or choose a dataset with annotations (shapes, CUB, COCO)",
+            )  # fmt: skip
         matrix = self.confusion_matrix or confusion_matrix
         if isinstance(matrix, str) and matrix == CONFUSION_FROM_VALIDATION:
             raise ConfigurationError(
@@ -225,15 +219,13 @@ class SaliencyEvaluationCallback(L.Callback):
             raise ConfigurationError(f"confusion matrix not found: {matrix}")
         self._matrix = matrix
         self.combinations = self._build(network, matrix)
-        for combination in self.combinations:
-            missing = [k for k in combination.batch_fields if k not in keys]
-            if missing:
-                raise ConfigurationError(
-                    f"method {combination.spec.label!r} ({combination.spec.name}) reads the batch "
-                    f"field(s) {missing}, but the dataset gives only {sorted(keys)}; drop the "
-                    f"method or choose a dataset with these annotations (e.g. the shapes "
-                    f"benchmark has mask and part_mask)"
-                )
+        for combination in self.combinations:  # a method's batch_fields (reference maps)
+            _require_keys(
+                keys, combination.batch_fields,
+                f"method {combination.spec.label!r} ({combination.spec.name})",
+                "drop the method or choose a dataset with these annotations (the shapes "
+                "benchmark has mask and part_mask)",
+            )  # fmt: skip
         self._sanity_order(network)  # a wrong layer name fails now, not after the evaluation
 
     def _build(self, network: torch.nn.Module, matrix: str | Path | None) -> list[_Combination]:
@@ -702,6 +694,17 @@ class SaliencyEvaluationCallback(L.Callback):
             if len(self.layers) > 1 or len(self.policies) > 1:
                 name = f"eval/{method}/{layer}/{policy}/{metric}"
             pl_module.log(name, torch.cat(parts).mean(), sync_dist=True)
+
+
+def _require_keys(keys: set[str], needed: Sequence[str], what: str, advice: str) -> None:
+    """A :class:`ConfigurationError` naming ``what`` and the fields of ``needed`` that the
+    dataset's samples (``keys``) lack."""
+    missing = [k for k in needed if k not in keys]
+    if missing:
+        raise ConfigurationError(
+            f"{what} needs {missing} in each sample, but the dataset gives only "
+            f"{sorted(keys)}; {advice}"
+        )
 
 
 def _reference_labels(
