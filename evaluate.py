@@ -151,6 +151,11 @@ def _report(cli, evaluation) -> None:
     ]  # fmt: skip
     with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
         print("\n" + evaluation.summary[columns].to_string(index=False))
+    if evaluation.dataset_checks:
+        from callbacks.evaluation_tables import describe_sibling_share
+
+        share = describe_sibling_share(evaluation.dataset_checks)
+        print(f"\ntop-2 = sibling among correctly classified samples: {share}")
     print(f"\nexplained: {cli.model.source_description}")
     print(f"run directory: {cli.run_dir}")
     for path in evaluation.published:

@@ -110,6 +110,14 @@ def _feature_agreement(context: MetricContext, options: dict[str, Any]) -> Resul
     return {"": values}, {}
 
 
+def _random_logit(context: MetricContext, options: dict[str, Any]) -> Result:
+    values = M.random_logit(
+        context.maps[:, 0], context.maps[:, 1], normalise=options["normalise"],
+        absolute=options["abs"],
+    )  # fmt: skip
+    return {"": values}, {}
+
+
 def _perturbation_curve(context: MetricContext, kind: str, options: dict[str, Any]):
     maps, classes = _single(context)
     pixels = options["pixels_per_step"] or context.images.shape[-1]
@@ -251,6 +259,13 @@ METRICS: dict[str, EvaluationMetric] = {
         EvaluationMetric(
             "feature_agreement", frozenset({"pair"}), _feature_agreement, {"fraction": 0.05},
             description="top-5 % pixel agreement of the two maps (CASE Eq. 7)",
+        ),
+        EvaluationMetric(
+            "random_logit", frozenset({"random_pair"}), _random_logit,
+            {"normalise": True, "abs": False},
+            choices={"normalise": (True, False), "abs": (True, False)},
+            description="SSIM of the top-1 map and a random other class's map (Sixt et al. "
+            "2020, Quantus RandomLogit); lower = more class-sensitive",
         ),
         EvaluationMetric(
             "deletion_auc", _SINGLE, _deletion, _DELETION, curves=("deletion",),

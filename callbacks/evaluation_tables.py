@@ -4,11 +4,18 @@ method, mean curves. Pure pandas/scipy; the callback writes them."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from saliency.stats import compare_methods, mean_confidence_interval, wilcoxon_below
+from saliency.stats import (
+    benjamini_hochberg,
+    compare_methods,
+    holm,
+    mean_confidence_interval,
+    wilcoxon_below,
+)
 
 GROUP = ["method", "layer", "target_policy", "metric"]
 THRESHOLD_TESTED = ("feature_agreement",)  # metrics with a one-sided Wilcoxon vs a threshold
@@ -59,17 +66,50 @@ STATS_COLUMNS = [
 
 def method_tests(
     per_sample: pd.DataFrame,
-    reference: str,
+    references: str | Sequence[str],
     agreement_threshold: float,
     alternative: str = "two-sided",
 ) -> pd.DataFrame:
-    """Every method vs ``reference`` per (layer, target policy, metric), paired on the sample
-    index (:func:`saliency.stats.compare_methods`): paired t-test, Cohen's d_z, and for feature
-    agreement the Wilcoxon test against the threshold; p-values Holm- and BH-corrected across
-    the methods compared within each group. Methods without a layer (input-gradient family)
-    are paired with the reference at every layer."""
+    """Every method vs each of ``references`` per (layer, target policy, metric), paired on the
+    sample index (:func:`saliency.stats.compare_methods`): paired t-test, Cohen's d_z, and for
+    feature agreement the Wilcoxon test against the threshold. One row per (method,
+    reference); a pair of references is tested once (the later reference against the earlier
+    one). P-values are Holm- and BH-corrected over the WHOLE table (every row is one test of the
+    family); the Wilcoxon test does not involve the reference, so each (layer, policy, metric,
+    method) counts once in its correction.
+
+    Methods without a layer (input-gradient family, reference maps: layer ``input``) are paired
+    with a layered reference at every layer; a layer-free reference is paired with the methods
+    of every layer, and with the other layer-free methods once, under layer ``input``."""
+    references = [references] if isinstance(references, str) else list(references)
+    frames = []
+    for position, reference in enumerate(references):
+        earlier = set(references[:position])  # already tested against this reference
+        tested = _reference_tests(per_sample, reference, agreement_threshold, alternative)
+        frames.append(tested[~tested["method"].isin(earlier)])
+    frames = [frame for frame in frames if not frame.empty]
+    if not frames:
+        return pd.DataFrame(columns=STATS_COLUMNS)
+    table = pd.concat(frames, ignore_index=True)
+    table["t_p_holm"] = holm(table["t_p_value"].to_numpy())
+    table["t_p_bh"] = benjamini_hochberg(table["t_p_value"].to_numpy())
+    wilcoxon = table.drop_duplicates(["layer", "target_policy", "metric", "method"])
+    keys = ["layer", "target_policy", "metric", "method"]
+    corrected = wilcoxon[keys].assign(
+        wilcoxon_p_holm=holm(wilcoxon["wilcoxon_p"].to_numpy()),
+        wilcoxon_p_bh=benjamini_hochberg(wilcoxon["wilcoxon_p"].to_numpy()),
+    )
+    table = table.drop(columns=["wilcoxon_p_holm", "wilcoxon_p_bh"]).merge(corrected, on=keys)
+    return table[STATS_COLUMNS]
+
+
+def _reference_tests(
+    per_sample: pd.DataFrame, reference: str, agreement_threshold: float, alternative: str
+) -> pd.DataFrame:
+    """Every method vs ``reference`` (uncorrected p-values) per (layer, policy, metric)."""
     frames = []
     layer_free = per_sample[per_sample["layer"] == "input"]
+    reference_is_layer_free = reference in set(layer_free["method"])
     for (layer, policy, metric), group in per_sample.groupby(GROUP[1:], sort=False):
         if layer == "input" and reference not in set(group["method"]):
             continue
@@ -77,6 +117,8 @@ def method_tests(
             extra = layer_free[
                 (layer_free["target_policy"] == policy) & (layer_free["metric"] == metric)
             ]
+            if reference_is_layer_free:  # the other layer-free methods: once, under "input"
+                extra = extra[extra["method"] == reference]
             group = pd.concat([group, extra])
         if reference not in set(group["method"]) or group["method"].nunique() < 2:
             continue
@@ -88,6 +130,37 @@ def method_tests(
     if not frames:
         return pd.DataFrame(columns=STATS_COLUMNS)
     return pd.concat(frames, ignore_index=True)[STATS_COLUMNS]
+
+
+def sibling_share(
+    samples: pd.DataFrame, siblings: Sequence[Sequence[int]] | None
+) -> dict[str, float | int]:
+    """Among correctly classified samples (``label == top1``), the share whose top-2
+    prediction is a sibling of the label — whether the model's confusions are the fine-grained
+    ones a benchmark was built for. ``siblings[c]``: the sibling classes of class ``c`` (the
+    datamodule's ``sibling_classes``, where the dataset defines them); ``{}`` without them;
+    share ``None`` when no sample is correctly classified."""
+    if siblings is None:
+        return {}
+    sibling_sets = [set(int(c) for c in row) for row in siblings]
+    correct = samples[samples["label"] == samples["top1"]]
+    hits = sum(
+        int(top2) in sibling_sets[int(label)]
+        for label, top2 in zip(correct["label"], correct["top2"], strict=True)
+    )
+    count = len(correct)
+    return {
+        "top2_sibling_share": hits / count if count else None,
+        "top2_sibling_count": int(hits),
+        "correct_samples": int(count),
+    }
+
+
+def describe_sibling_share(checks: dict[str, float | int | None]) -> str:
+    """``0.842 (421 of 500)``: the :func:`sibling_share` result in words."""
+    share = checks["top2_sibling_share"]
+    shown = "–" if share is None else f"{share:.3f}"
+    return f"{shown} ({checks['top2_sibling_count']} of {checks['correct_samples']})"
 
 
 def mean_curves(curves: dict[tuple[str, str, str, str], np.ndarray]) -> pd.DataFrame:

@@ -47,8 +47,9 @@ class StagedResults:
             elif target.exists():
                 target.unlink()
 
-    def publish(self) -> list[Path]:
-        """Move the staged results into the run directory; returns the published paths."""
+    def publish(self, facts: dict | None = None) -> list[Path]:
+        """Move the staged results into the run directory; returns the published paths.
+        ``facts`` (JSON-serialisable) are recorded in the manifest beside the file list."""
         self.remove_previous_results()
         order = {name: position + 1 for position, name in enumerate(LAST)}
         staged = sorted(self.path.iterdir(), key=lambda p: (order.get(p.name, 0), p.name))
@@ -68,6 +69,7 @@ class StagedResults:
                 for p in ([target] if target.is_file() else sorted(target.rglob("*")))
                 if p.is_file()
             },
+            **(facts or {}),
         }
         write_atomically(self.run_dir / MANIFEST, json.dumps(manifest, indent=2))
         shutil.rmtree(self.path, ignore_errors=True)

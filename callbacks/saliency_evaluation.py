@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,13 @@ from callbacks.evaluation_spec import (
     parse_metrics,
     resolve_selectors,
 )
-from callbacks.evaluation_tables import mean_curves, method_tests, summarise
+from callbacks.evaluation_tables import (
+    describe_sibling_share,
+    mean_curves,
+    method_tests,
+    sibling_share,
+    summarise,
+)
 from callbacks.explained_model import first_test_indices
 from callbacks.run_outputs import StagedResults
 from callbacks.target_policies import (
@@ -72,8 +79,16 @@ class _Combination:
         counts = [c.contrasts_from_matrix(classes.reshape(-1)) for c in self.counters]
         return torch.stack(counts).amin(dim=0).view_as(classes).amin(dim=1)
 
-    def maps(self, images: torch.Tensor, classes: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.method(images, classes, **kwargs)
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """The batch fields the method declares it reads (``SaliencyMethod.batch_fields``)."""
+        return tuple(getattr(self.method, "batch_fields", ()))
+
+    def maps(
+        self, images: torch.Tensor, classes: torch.Tensor, batch: dict[str, Any], **kwargs: Any
+    ) -> torch.Tensor:
+        fields = {name: batch[name] for name in self.batch_fields}
+        return self.method(images, classes, **fields, **kwargs)
 
 
 class SaliencyEvaluationCallback(L.Callback):
@@ -88,6 +103,9 @@ class SaliencyEvaluationCallback(L.Callback):
             each runs on the policies of its kind (pair metrics on ``top1_vs_top2``, ...).
         reference_method: label of the method every other is tested against in ``stats.csv``
             (default: the first method).
+        reference_methods: several such labels (e.g. ``[grad_cam, edge]``): ``stats.csv`` has
+            one row per (method, reference), Holm/BH-corrected over the whole table (instead
+            of ``reference_method``; not both).
         agreement_threshold: Wilcoxon threshold for feature agreement (CASE paper 0.5, code 0.7).
         test_alternative: alternative of the paired t-test (``two-sided`` as CASE's code).
         correct_only: explain only correctly classified samples (CASE RQ2 protocol).
@@ -120,6 +138,7 @@ class SaliencyEvaluationCallback(L.Callback):
         targets: list[str] | None = None,
         metrics: list[str | dict[str, Any]] | None = None,
         reference_method: str | None = None,
+        reference_methods: list[str] | None = None,
         agreement_threshold: float = 0.5,
         test_alternative: str = "two-sided",
         correct_only: bool = False,
@@ -141,13 +160,10 @@ class SaliencyEvaluationCallback(L.Callback):
         self.layers = list(layers) if layers else [None]
         self.policies = parse_policies(list(targets or ["top1_vs_top2", "top1"]))
         self.metric_specs = parse_metrics(metrics or ["feature_agreement", "deletion_auc"])
-        labels = [spec.label for spec in self.method_specs]
-        self.reference_method = reference_method or labels[0]
-        if self.reference_method not in labels:
-            raise ConfigurationError(
-                f"evaluation.reference_method {self.reference_method!r} is not one of the "
-                f"method labels: {', '.join(labels)}"
-            )
+        self.reference_methods = _reference_labels(
+            reference_method, reference_methods, [spec.label for spec in self.method_specs]
+        )
+        self.reference_method = self.reference_methods[0]
         self._check_metric_policies()
         self.agreement_threshold = agreement_threshold
         self.test_alternative = test_alternative
@@ -176,6 +192,7 @@ class SaliencyEvaluationCallback(L.Callback):
         self.stats: pd.DataFrame | None = None
         self.curves: pd.DataFrame | None = None
         self.sanity: pd.DataFrame | None = None
+        self.dataset_checks: dict[str, Any] = {}
         self.published: list[Path] = []
 
     # ----------------------------------------------------------------- configuration checks
@@ -209,22 +226,15 @@ class SaliencyEvaluationCallback(L.Callback):
             )
         keys = set(sample)
         for policy in self.policies:
-            missing = [k for k in policy.needs if k not in keys]
-            if missing:
-                raise ConfigurationError(
-                    f"target policy {policy.name!r} needs {missing} in each sample, but the "
-                    f"dataset gives only {sorted(keys)}; use a grid datamodule "
-                    f"(e.g. configs/data/quad_shapes.yaml) or drop the policy"
-                )
+            _require_keys(
+                keys, policy.needs, f"target policy {policy.name!r}",
+                "use a grid datamodule (e.g. configs/data/quad_shapes.yaml) or drop the policy",
+            )  # fmt: skip
         for spec in self.metric_specs:
-            needed = METRICS[spec.name].needed_keys(spec.kwargs)
-            missing = [k for k in needed if k not in keys]
-            if missing:
-                raise ConfigurationError(
-                    f"metric {spec.label!r} needs {missing} (masks/boxes) in each sample, but "
-                    f"the dataset gives only {sorted(keys)}; drop the metric or choose a dataset "
-                    f"with annotations (shapes, CUB, COCO)"
-                )
+            _require_keys(
+                keys, METRICS[spec.name].needed_keys(spec.kwargs), f"metric {spec.label!r}",
+                "drop the metric or choose a dataset with annotations (shapes, CUB, COCO)",
+            )  # fmt: skip
         matrix = self.confusion_matrix or confusion_matrix
         if isinstance(matrix, str) and matrix in (
             CONFUSION_FROM_VALIDATION,
@@ -238,6 +248,13 @@ class SaliencyEvaluationCallback(L.Callback):
             raise ConfigurationError(f"confusion matrix not found: {matrix}")
         self._matrix = matrix
         self.combinations = self._build(network, matrix)
+        for combination in self.combinations:  # a method's batch_fields (reference maps)
+            _require_keys(
+                keys, combination.batch_fields,
+                f"method {combination.spec.label!r} ({combination.spec.name})",
+                "drop the method or choose a dataset with these annotations (the shapes "
+                "benchmark has mask and part_mask)",
+            )  # fmt: skip
         self._sanity_order(network)  # a wrong layer name fails now, not after the evaluation
 
     def _build(self, network: torch.nn.Module, matrix: str | Path | None) -> list[_Combination]:
@@ -273,13 +290,13 @@ class SaliencyEvaluationCallback(L.Callback):
         their grid (its class set = the grid's classes), so they get their own call."""
         grid = [i for i, c in enumerate(columns) if c.startswith("cell")]
         if combination.spec.name != "var" or not grid:
-            return combination.maps(images, classes)
+            return combination.maps(images, classes, batch)
         rest = [i for i in range(len(columns)) if i not in grid]
         grid_maps = combination.maps(
-            images, classes[:, grid], class_set=batch["grid_labels"].to(classes.device)
+            images, classes[:, grid], batch, class_set=batch["grid_labels"].to(classes.device)
         )
         if rest:
-            rest_maps = combination.maps(images, classes[:, rest])
+            rest_maps = combination.maps(images, classes[:, rest], batch)
             maps = torch.empty(
                 (images.shape[0], len(columns), *grid_maps.shape[-2:]), device=grid_maps.device
             )
@@ -435,8 +452,13 @@ class SaliencyEvaluationCallback(L.Callback):
                     },
                     "label": int(batch["label"][row]),
                     "maps": maps,
+                    "fields": {name: batch[name][row].cpu() for name in self._method_fields()},
                 }
             )
+
+    def _method_fields(self) -> list[str]:
+        """Every batch field some method of the run reads (kept for the sanity check)."""
+        return sorted({name for c in self.combinations for name in c.batch_fields})
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # compute() gathers across processes: every rank calls it, in the same order.
@@ -470,9 +492,12 @@ class SaliencyEvaluationCallback(L.Callback):
         self.per_sample = self._with_contrast_counts(
             pd.concat(frames, ignore_index=True).merge(samples, on="index")
         )
+        self.dataset_checks = sibling_share(
+            samples, getattr(trainer.datamodule, "sibling_classes", None)
+        )
         self.summary = summarise(self.per_sample, self.agreement_threshold)
         self.stats = method_tests(
-            self.per_sample, self.reference_method, self.agreement_threshold,
+            self.per_sample, self.reference_methods, self.agreement_threshold,
             self.test_alternative,
         )  # fmt: skip
         self.curves = mean_curves(curves)
@@ -548,12 +573,22 @@ class SaliencyEvaluationCallback(L.Callback):
         chosen = gallery[: self.sanity_check["samples"]]
         device = next(network.parameters()).device
         images = torch.stack([g["image"] for g in chosen]).to(device)
+        fields = {
+            name: torch.stack([g["fields"][name] for g in chosen]).to(device)
+            for name in self._method_fields()
+        }
         matrix = self._matrix
 
         def builder(combination: _Combination):
             kwargs = resolve_selectors(dict(combination.spec.kwargs), matrix)
             layer = None if combination.layer == INPUT_LAYER else combination.layer
-            return lambda model: create_method(combination.spec.name, model, layer=layer, **kwargs)
+            bound = {name: fields[name] for name in combination.batch_fields}
+
+            def build(model: torch.nn.Module):
+                method = create_method(combination.spec.name, model, layer=layer, **kwargs)
+                return lambda images, classes: method(images, classes, **bound)
+
+            return build
 
         builders = {(c.spec.label, c.layer): builder(c) for c in self.combinations}
         curves = randomisation_curves(
@@ -634,7 +669,9 @@ class SaliencyEvaluationCallback(L.Callback):
             gallery_paths=gallery_paths,
             notes=self._notes(),
         )
-        self.published = self._staging.publish()
+        self.published = self._staging.publish(
+            {"dataset_checks": self.dataset_checks} if self.dataset_checks else None
+        )
         run_dir = self._staging.run_dir
         self._log_wandb(
             trainer,
@@ -651,7 +688,7 @@ class SaliencyEvaluationCallback(L.Callback):
     def _run_info(self, trainer: L.Trainer) -> dict[str, str]:
         module = trainer.lightning_module
         source = getattr(module, "checkpoint_path", None) or getattr(module, "source_name", "")
-        return {
+        info = {
             "model": str(source),
             "data": type(trainer.datamodule).__name__,
             "samples": str(self.per_sample["index"].nunique()),
@@ -659,16 +696,20 @@ class SaliencyEvaluationCallback(L.Callback):
             "layers": ", ".join(sorted({c.layer for c in self.combinations})),
             "target policies": ", ".join(p.name for p in self.policies),
             "devices": f"{trainer.world_size} ({trainer.strategy.__class__.__name__})",
-            "reference method": self.reference_method,
+            "reference methods": ", ".join(self.reference_methods),
         }
+        if self.dataset_checks:
+            checks = self.dataset_checks
+            info["top-2 = sibling (correctly classified)"] = describe_sibling_share(checks)
+        return info
 
     def _notes(self) -> list[str]:
         notes = [
             f"Feature agreement: one-sided Wilcoxon signed-rank test of H1: median < "
             f"{self.agreement_threshold} (CASE Eq. 8).",
             f"stats.csv: paired t-tests ({self.test_alternative}) of each method against "
-            f"{self.reference_method!r} on the same samples, Cohen's d_z, Holm and BH "
-            f"corrections across methods.",
+            f"{' and '.join(repr(r) for r in self.reference_methods)} on the same samples, "
+            f"Cohen's d_z, Holm and BH corrections over the whole table.",
         ]
         if self.correct_only:
             notes.append("Only correctly classified samples were explained.")
@@ -743,6 +784,41 @@ class SaliencyEvaluationCallback(L.Callback):
             if len(self.layers) > 1 or len(self.policies) > 1:
                 name = f"eval/{method}/{layer}/{policy}/{metric}"
             pl_module.log(name, torch.cat(parts).mean(), sync_dist=True)
+
+
+def _require_keys(keys: set[str], needed: Sequence[str], what: str, advice: str) -> None:
+    """A :class:`ConfigurationError` naming ``what`` and the fields of ``needed`` that the
+    dataset's samples (``keys``) lack."""
+    missing = [k for k in needed if k not in keys]
+    if missing:
+        raise ConfigurationError(
+            f"{what} needs {missing} in each sample, but the dataset gives only "
+            f"{sorted(keys)}; {advice}"
+        )
+
+
+def _reference_labels(
+    single: str | None, several: list[str] | None, labels: list[str]
+) -> list[str]:
+    """The reference method labels of ``stats.csv``: ``reference_methods``, else
+    ``[reference_method]``, else the first method; each must be a method label."""
+    if single is not None and several is not None:
+        raise ConfigurationError(
+            "evaluation sets both reference_method and reference_methods; use "
+            f"reference_methods: [{single}, ...] alone"
+        )
+    references = list(several) if several is not None else [single or labels[0]]
+    if not references:
+        raise ConfigurationError("evaluation.reference_methods is empty; name at least one method")
+    for reference in references:
+        if reference not in labels:
+            raise ConfigurationError(
+                f"evaluation reference method {reference!r} is not one of the method labels: "
+                f"{', '.join(labels)}"
+            )
+    if len(set(references)) != len(references):
+        raise ConfigurationError(f"evaluation.reference_methods lists a method twice: {references}")
+    return references
 
 
 def _check_sanity_options(
@@ -873,6 +949,7 @@ def _log_to_run(run, callback: SaliencyEvaluationCallback, plot_paths, gallery_p
                     for s in callback.metric_specs
                 ],
                 "reference_method": callback.reference_method,
+                "reference_methods": list(callback.reference_methods),
                 "agreement_threshold": callback.agreement_threshold,
             }
         },

@@ -7,6 +7,12 @@
 | ``top1_vs_top2`` | both (CASE RQ1: are the two maps different?) | pair |
 | ``ground_truth`` | the label | single |
 | ``grid_cells`` | each of the classes of a 2×2 grid image (``grid_labels``; VAR Sec. 4.1) | grid |
+| ``top1_vs_random_other`` | the predicted class and a uniformly drawn other class, seeded by the sample ``index`` (Random Logit, Sixt et al. 2020) | random_pair |
+
+``random_pair`` is its own kind so that metrics of a pair of predicted classes (feature
+agreement) do not run on it; ``random_logit`` runs only there. The other class is
+:func:`saliency.index_random.random_other_classes` (seed :data:`RANDOM_OTHER_SEED`): the same
+class for a sample on every rank and in every batch.
 
 Columns are named (``top1``, ``top2``, ``ground_truth``, ``cell0``…): policies sharing a column
 share its map, so ``top1`` and ``top1_vs_top2`` cost one top-1 map, not two.
@@ -20,8 +26,10 @@ from typing import Literal
 import torch
 
 from saliency.errors import ConfigurationError, closest
+from saliency.index_random import random_other_classes
 
-PolicyKind = Literal["single", "pair", "grid"]
+PolicyKind = Literal["single", "pair", "grid", "random_pair"]
+RANDOM_OTHER_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,8 @@ class TargetPolicy:
         """Names of the explained classes, in order."""
         if self.name == "top1_vs_top2":
             return ("top1", "top2")
+        if self.name == "top1_vs_random_other":
+            return ("top1", "random_other")
         if self.name == "grid_cells":
             return tuple(f"cell{i}" for i in range(batch["grid_labels"].shape[1]))
         return (self.name,)
@@ -47,6 +57,7 @@ POLICIES: dict[str, TargetPolicy] = {
     "top1_vs_top2": TargetPolicy("top1_vs_top2", "pair"),
     "ground_truth": TargetPolicy("ground_truth", "single", ("label",)),
     "grid_cells": TargetPolicy("grid_cells", "grid", ("grid_labels",)),
+    "top1_vs_random_other": TargetPolicy("top1_vs_random_other", "random_pair", ("index",)),
 }
 
 
@@ -76,6 +87,10 @@ def column_classes(
         return logits.topk(2, dim=1).indices[:, 0 if column == "top1" else 1]
     if column == "ground_truth":
         return batch["label"].long()
+    if column == "random_other":
+        top1 = column_classes("top1", logits, batch)
+        indices = batch["index"].to(logits.device)
+        return random_other_classes(indices, top1, logits.shape[1], RANDOM_OTHER_SEED)
     if column.startswith("cell"):
         return batch["grid_labels"][:, int(column.removeprefix("cell"))].long()
     raise ValueError(f"unknown target column {column!r}")

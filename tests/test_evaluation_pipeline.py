@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -197,6 +198,11 @@ def test_bad_configs_fail_before_any_computation(trained_run, tmp_path, monkeypa
             "--evaluation.metrics", "[{name: energy_pointing_game, kwargs: {mask_key: part_mask}}]"]  # fmt: skip
     message = _error(quad, monkeypatch, capsys)
     assert "part_mask" in message and "grid_labels" in message
+    # ... and a method that reads them (a reference map's batch_fields)
+    oracle = [*quad[:-2], "--evaluation.metrics", "[deletion_auc]",
+              "--evaluation.methods", "[grad_cam, oracle_part]"]  # fmt: skip
+    message = _error(oracle, monkeypatch, capsys)
+    assert "'oracle_part'" in message and "part_mask" in message and "grid_labels" in message
 
     # a contrast selector without a confusion matrix: a checkpoint whose run saved none
     lone = tmp_path / "lone" / "checkpoints"
@@ -228,6 +234,59 @@ def test_bad_configs_fail_before_any_computation(trained_run, tmp_path, monkeypa
 
     message = _error([*base, "--evaluation.autocast", "true"], monkeypatch, capsys)
     assert "CUDA" in message
+
+
+def test_class_sensitivity_study_shows_ceiling_chance_and_both_references(
+    trained_run, tmp_path, monkeypatch
+):
+    """configs/evaluate/class_sensitivity.yaml as documented, on the tiny run: the reference
+    maps reach their closed forms (oracle_part: mark energy 1; oracle_object: the mark's share
+    of the object; random: about the mark's share of the image; every class-agnostic map:
+    Random Logit 1), stats.csv tests every method against grad_cam AND edge, and the sibling
+    share of a datamodule that defines siblings is reported."""
+    from datamodules import ShapesDataModule
+
+    def siblings(datamodule):
+        return [datamodule.config.siblings(c) for c in range(datamodule.num_classes)]
+
+    monkeypatch.setattr(ShapesDataModule, "sibling_classes", property(siblings), raising=False)
+    study = ["--config", "configs/evaluate/class_sensitivity.yaml", "--evaluation.correct_only",
+             "false", "--evaluation.sanity_check", "null", "--evaluation.gallery_size", "1"]  # fmt: skip
+    evaluate.main([*_args(trained_run, tmp_path, "study"), *study])
+    run_dir = tmp_path / "study"
+    frame = pd.read_parquet(run_dir / "per_sample.parquet")
+    values = frame.pivot_table("value", ["index"], ["method", "metric"])
+    datamodule = ShapesDataModule(train_size=96, val_size=30, test_size=7)  # TINY_SIZES
+    test_split = datamodule.dataset("test")
+    masks = [(test_split[i]["part_mask"], test_split[i]["mask"]) for i in values.index]
+    part_area = np.array([float(part.float().mean()) for part, _ in masks])
+    part_of_object = np.array([float((p & o).sum() / o.sum()) for p, o in masks])
+    assert (values[("oracle_part", "mark_energy")] == 1.0).all()
+    np.testing.assert_allclose(values[("oracle_object", "mark_energy")], part_of_object, rtol=1e-5)
+    chance = values[("random", "mark_energy")].mean()
+    assert abs(chance - part_area.mean()) < 0.2 * part_area.mean(), (chance, part_area.mean())
+    for reference in ("oracle_part", "oracle_object", "random", "edge"):
+        assert (values[(reference, "random_logit")] == 1.0).all(), reference
+    assert values[("grad_cam", "random_logit")].lt(1.0).any()
+
+    stats = pd.read_csv(run_dir / "stats.csv")
+    assert set(stats["reference"]) == {"grad_cam", "edge"}
+    against_edge = stats[stats["reference"] == "edge"]
+    assert {"case", "finer_cam", "random"} <= set(against_edge["method"])
+    assert "grad_cam" not in set(against_edge["method"])  # tested once, against grad_cam
+    assert "random_logit" in set(stats["metric"])
+    report = (run_dir / "report.md").read_text()
+    assert "### Against grad_cam" in report and "### Against edge" in report
+    samples = frame.drop_duplicates("index")
+    correct = samples[samples["label"] == samples["top1"]]
+    sibling_table = siblings(datamodule)
+    hits = sum(
+        int(top2) in sibling_table[int(label)]
+        for label, top2 in zip(correct["label"], correct["top2"], strict=True)
+    )
+    checks = json.loads((run_dir / "manifest.json").read_text())["dataset_checks"]
+    assert (checks["top2_sibling_count"], checks["correct_samples"]) == (hits, len(correct))
+    assert "| top-2 = sibling (correctly classified) | " in report
 
 
 def test_interrupted_evaluation_leaves_nothing_that_looks_complete(

@@ -63,12 +63,16 @@ def device_maps(device: str) -> dict[str, torch.Tensor]:
     model = SmallReLUNet().to(device)
     images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2)).to(device)
     classes = torch.tensor([[0, 3], [1, 2], [5, 4]], device=device)
+    masks = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(3)) > 0.5
+    # the batch fields reference maps read (the random map: the same noise on every device)
+    fields = {"part_mask": masks, "mask": ~masks, "index": torch.tensor([7, 0, 123456789012])}
     maps = {}
     for name in list_methods():
         if name in VIT_ONLY:
             continue
         method = create_method(name, model, **method_kwargs(name))
-        maps[name] = method(images, classes).cpu()
+        wanted = {k: fields[k].to(device) for k in getattr(method, "batch_fields", ())}
+        maps[name] = method(images, classes, **wanted).cpu()
     return maps
 
 

@@ -26,6 +26,7 @@ from saliency.metrics import (
     LocalisationError,
     PerSampleValues,
     PointingGame,
+    RandomLogit,
     RegionScores,
     RelativeDrop,
     SampleMetric,
@@ -107,6 +108,12 @@ CASES = [
         lambda: FeatureAgreement(fraction=0.1),
         lambda m, d, s, _: m.update(d["maps"][s], d["maps_b"][s], SAMPLE_INDEX[s]),
         lambda d, _: {"feature_agreement": F.feature_agreement(d["maps"], d["maps_b"], 0.1)},
+    ),
+    Case(
+        "random_logit",
+        RandomLogit,
+        lambda m, d, s, _: m.update(d["maps"][s], d["maps_b"][s], SAMPLE_INDEX[s]),
+        lambda d, _: {"random_logit": F.random_logit(d["maps"], d["maps_b"])},
     ),
     Case(
         "confidence_drop",

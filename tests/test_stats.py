@@ -182,3 +182,44 @@ def test_compare_methods_errors_name_the_problem():
         compare_methods(pd.concat([frame, frame]), "a")
     no_threshold = compare_methods(frame, "a")
     assert math.isnan(no_threshold.loc[0, "wilcoxon_p"])
+
+
+def test_stats_table_against_several_references_is_corrected_as_one_family():
+    """``method_tests`` with references [grad_cam, edge]: rows per (method, reference), the
+    pair of references tested once, the layer-free reference paired at the layer and the
+    layer-free methods once (under "input"), Holm / BH over the whole table."""
+    from callbacks.evaluation_tables import method_tests
+
+    rng = np.random.default_rng(3)
+    n = 25
+    rows = []
+    values = {
+        ("grad_cam", "features.3"): rng.uniform(0, 1, n),
+        ("case", "features.3"): rng.uniform(0, 1, n),
+        ("edge", "input"): rng.uniform(0, 1, n),
+        ("random", "input"): rng.uniform(0, 1, n),
+    }
+    for metric, shift in (("mark_energy", 0.0), ("object_energy", 0.3)):
+        for (method, layer), v in values.items():
+            rows += [(method, layer, "top1", metric, i, x + shift) for i, x in enumerate(v)]
+    per_sample = pd.DataFrame(
+        rows, columns=["method", "layer", "target_policy", "metric", "index", "value"]
+    )
+    table = method_tests(per_sample, ["grad_cam", "edge"], agreement_threshold=0.5)
+    pairs = set(zip(table["layer"], table["method"], table["reference"], strict=True))
+    assert pairs == {
+        ("features.3", "case", "grad_cam"), ("features.3", "edge", "grad_cam"),
+        ("features.3", "random", "grad_cam"), ("features.3", "case", "edge"),
+        ("input", "random", "edge"),
+    }  # fmt: skip
+    assert len(table) == 2 * len(pairs)  # both metrics
+    row = table.query("method == 'random' and reference == 'edge' and metric == 'mark_energy'")
+    expected = stats.ttest_rel(values[("random", "input")], values[("edge", "input")])
+    assert row["t_p_value"].item() == pytest.approx(expected.pvalue, rel=1e-9)
+    np.testing.assert_allclose(table["t_p_holm"], holm(table["t_p_value"].to_numpy()))
+    np.testing.assert_allclose(
+        table["t_p_bh"], stats.false_discovery_control(table["t_p_value"].to_numpy())
+    )
+    # one reference as a string: the former single-reference table
+    single = method_tests(per_sample, "grad_cam", agreement_threshold=0.5)
+    assert set(single["reference"]) == {"grad_cam"} and len(single) == 6

@@ -128,6 +128,16 @@ def stats_table(stats: pd.DataFrame | None) -> str:
     return markdown_table(header, body, numeric)
 
 
+def paired_tests(stats: pd.DataFrame | None) -> str:
+    """:func:`stats_table`, one table per reference method when there are several."""
+    if stats is None or stats.empty or stats["reference"].nunique() < 2:
+        return stats_table(stats)
+    return "\n\n".join(
+        f"### Against {reference}\n\n{stats_table(stats[stats['reference'] == reference])}"
+        for reference in pd.unique(stats["reference"])
+    )
+
+
 def relative_link(path: Path, directory: Path) -> str:
     """URL-quoted POSIX path of ``path`` relative to ``directory``; a relative ``path`` is taken
     relative to ``directory``. The file must exist inside ``directory``."""
@@ -184,7 +194,7 @@ def write_report(
         "## Paired tests against the reference method",
         "Paired t-test (t, p) with Holm and Benjamini–Hochberg (BH) corrected p-values over the "
         "comparisons, Cohen's d, and the Wilcoxon signed-rank test.",
-        stats_table(stats),
+        paired_tests(stats),
         "## Plots",
         _images(plot_paths, directory, "_No plots._"),
         "## Gallery",

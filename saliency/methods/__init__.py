@@ -12,6 +12,7 @@ from saliency.methods import (  # noqa: F401  (registers the methods)
     gradient_cams,
     input_gradients,
     lrp,
+    reference_maps,
     rise,
     score_cams,
     var,

@@ -22,6 +22,8 @@ def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"saliency method {name!r} is registered twice")
         _REGISTRY[name] = factory
+        if isinstance(factory, type):
+            factory.registered_name = name  # error messages of built methods name it
         return factory
 
     return decorate
@@ -36,7 +38,9 @@ def create_method(name: str, model: nn.Module, layer: str | None = None, **kwarg
     """Build the method registered as ``name`` for ``model`` (and ``layer`` where it uses one).
 
     The result is called as ``method(images, classes)`` with ``classes`` ``LongTensor[B]`` or
-    ``[B, K]`` and returns ``FloatTensor[B, K, H, W]`` at the input resolution.
+    ``[B, K]`` and returns ``FloatTensor[B, K, H, W]`` at the input resolution. A method that
+    reads batch fields (its ``batch_fields``, e.g. ``("part_mask",)`` for ``oracle_part``) gets
+    them by name: ``method(images, classes, part_mask=masks)``.
     """
     if name not in _REGISTRY:
         suggestions = closest(name, _REGISTRY)

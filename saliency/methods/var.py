@@ -12,7 +12,7 @@ from torch import nn
 
 from saliency.errors import ConfigurationError, UnknownMethodError
 from saliency.gradients import as_class_matrix
-from saliency.methods.base import SaliencyMethod, upsample
+from saliency.methods.base import SaliencyMethod, check_batch_fields, upsample
 from saliency.methods.registry import create_method, register_method
 from saliency.targets import ClassSet
 
@@ -69,6 +69,11 @@ class VAR(SaliencyMethod):
     ``ClassSet('top_k_least', k=3)``), any selector returning ``[B·K, K′]`` target-first
     sets, or a ``LongTensor[B, M]``/``[M]`` of fixed sets. A per-batch set (2×2 grid classes)
     can also be passed per call: ``var(images, classes, class_set=grid_labels)``.
+
+    A base that reads batch fields (a reference map, :mod:`saliency.methods.reference_maps`)
+    gets them through VAR: ``var(images, classes, part_mask=...)``. Over a class-agnostic base
+    every class of C′ has the same map, so ``q = 1/K′`` everywhere and the output is 0 — the
+    tie rule above, and the expected answer of a method that does not depend on the class.
     """
 
     def __init__(
@@ -101,33 +106,45 @@ class VAR(SaliencyMethod):
         """The layer the wrapped method explains (``None`` for methods of the input)."""
         return getattr(self.base, "layer", None)
 
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """The base method's batch fields, passed through to it (VAR itself reads none)."""
+        return tuple(getattr(self.base, "batch_fields", ()))
+
     def __call__(
         self,
         images: torch.Tensor,
         classes: torch.Tensor,
         class_set: ClassSet | ClassSetSelector | torch.Tensor | None = None,
+        **fields: torch.Tensor,
     ) -> torch.Tensor:
         """``[B, K, H, W]``: the refined map of each requested class; ``class_set`` (optional)
-        replaces the method's class set for this call only (e.g. this batch's grid classes)."""
+        replaces the method's class set for this call only (e.g. this batch's grid classes);
+        ``fields``: the base method's batch fields (:attr:`batch_fields`)."""
         if class_set is None:
-            return super().__call__(images, classes)
+            return super().__call__(images, classes, **fields)
         if images.dim() != 4:
             raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
         classes = as_class_matrix(classes, images.shape[0])
-        return self._refine(images, classes, _as_class_set(class_set)).float()
+        fields = check_batch_fields(self, fields, images)
+        return self._refine(images, classes, _as_class_set(class_set), fields).float()
 
-    def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return self._refine(images, classes, self.class_set)
+    def compute(self, images: torch.Tensor, classes: torch.Tensor, **fields) -> torch.Tensor:
+        return self._refine(images, classes, self.class_set, fields)
 
     def _refine(
-        self, images: torch.Tensor, classes: torch.Tensor, class_set: ClassSetSelector
+        self,
+        images: torch.Tensor,
+        classes: torch.Tensor,
+        class_set: ClassSetSelector,
+        fields: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         batch, num_targets = classes.shape
         classes = classes.to(images.device)
         sets = self.class_sets(images, classes, class_set)  # [B, K, K′]
         set_size = sets.shape[2]
         unique, inverse = _unique_per_row(sets.reshape(batch, -1))
-        maps = self.base(images, unique)  # ONE base call: [B, U, H, W]
+        maps = self.base(images, unique, **(fields or {}))  # ONE base call: [B, U, H, W]
         if maps.shape[-2:] != images.shape[-2:]:
             maps = upsample(maps, images.shape[-2:])
         rows = torch.arange(batch, device=maps.device)[:, None]

@@ -26,6 +26,7 @@ from saliency.metrics.per_sample import (
 )
 from saliency.metrics.perturbation_curves import DeletionAUC, DeletionInsertion, InsertionAUC
 from saliency.metrics.pic import PerformanceInformationCurves
+from saliency.metrics.random_logit import RandomLogit
 from saliency.metrics.representation import ChannelActivity
 from saliency.metrics.sanity_checks import MapSimilarity
 
@@ -46,6 +47,7 @@ __all__ = [
     "PerSampleValues",
     "PerformanceInformationCurves",
     "PointingGame",
+    "RandomLogit",
     "RegionScores",
     "RelativeDrop",
     "SampleMetric",

@@ -47,6 +47,7 @@ from saliency.metrics.functional.pic import (
     pic_curves,
     random_pixel_masks,
 )
+from saliency.metrics.functional.random_logit import random_logit
 from saliency.metrics.functional.randomisation import (
     cascading_randomisation,
     default_randomisation_order,
@@ -104,6 +105,7 @@ __all__ = [
     "perturbation_curve",
     "pic_curves",
     "pointing_game",
+    "random_logit",
     "random_pixel_masks",
     "randomise_module",
     "region_scores",

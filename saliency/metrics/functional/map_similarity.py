@@ -174,19 +174,36 @@ def ssim_similarity(
     a, b = maps_a.to(work), maps_b.to(work)
     if normalise:
         a, b = min_max_normalise(a), min_max_normalise(b)
+    data_range = torch.tensor(data_range, dtype=work, device=a.device)
+    return mean_ssim(a, b, (win_size, win_size), data_range, k1, k2).to(out_dtype)
+
+
+def mean_ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    window: tuple[int, int],
+    data_range: torch.Tensor,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """The SSIM of :func:`ssim_similarity` averaged over the valid ``window`` (rows, columns)
+    positions of ``[B, H, W]`` maps, ``[B]``; ``data_range`` ``L`` is a scalar or one value per
+    sample ``[B]``. A ``(1, w)`` window over ``[B, 1, N]`` is skimage's 1-D SSIM of flattened
+    maps (``win_size = w``), as Quantus compares explanations."""
     stacked = torch.stack([a, b, a * a, b * b, a * b], dim=1)  # [B, 5, H, W]
-    means = F.avg_pool2d(stacked, kernel_size=win_size, stride=1)
+    means = F.avg_pool2d(stacked, kernel_size=window, stride=1)
     mu_a, mu_b, mu_aa, mu_bb, mu_ab = means.unbind(dim=1)
-    num = win_size * win_size
+    num = window[0] * window[1]
     cov_norm = num / (num - 1)
     var_a = cov_norm * (mu_aa - mu_a * mu_a)
     var_b = cov_norm * (mu_bb - mu_b * mu_b)
     cov_ab = cov_norm * (mu_ab - mu_a * mu_b)
+    data_range = data_range.reshape(-1, 1, 1)
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
     numerator = (2 * mu_a * mu_b + c1) * (2 * cov_ab + c2)
     denominator = (mu_a.square() + mu_b.square() + c1) * (var_a + var_b + c2)
-    return (numerator / denominator).mean(dim=(1, 2)).to(out_dtype)
+    return (numerator / denominator).mean(dim=(1, 2))
 
 
 def _image_gradients(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,88 @@
+"""Random draws that are a pure function of the sample ``index``: the same values on every
+process, rank, device and batch composition, computed batched on the device.
+
+A counter-based generator (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
+SC 2011): the value at (``seed``, ``stream``, sample ``index``, position ``p``) is a hash of
+those four integers, so no generator state is carried from one sample or batch to the next and
+no per-sample Python loop or ``torch.Generator`` is needed. The hash is Wellons' ``lowbias32``
+integer mixer (a murmur3-style finaliser; C. Wellons, "Prospecting for hash functions", 2018),
+applied in int64 arithmetic that never overflows, chained over the four keys. Indices are
+folded to 32 bits (``index ⊕ hash(index >> 32)``); splits beyond 2³² samples may share
+streams.
+
+Uniform values take the top 24 bits (``[0, 1)`` on a 2⁻²⁴ grid, exact in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """``x · constant mod 2³²`` for ``x < 2³²`` in int64 without overflow (16-bit halves)."""
+    low = (x & 0xFFFF) * constant
+    high = (((x >> 16) * constant) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' ``lowbias32``: a bijection of 32-bit integers with strong avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _key(value: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    value = torch.as_tensor(value, dtype=torch.int64, device=device)
+    return (value & _MASK32) ^ _mix32((value >> 32) & _MASK32)
+
+
+def index_hash(
+    indices: torch.Tensor, positions: torch.Tensor, seed: int = 0, stream: int = 0
+) -> torch.Tensor:
+    """32-bit hashes ``[B, P]`` (int64 in ``[0, 2³²)``) of every (sample index, position) pair.
+
+    ``indices`` ``[B]`` are the samples' ``index``; ``positions`` ``[P]`` number the draws within
+    a sample (pixels, classes). ``seed`` selects the run, ``stream`` the purpose (so two
+    consumers with the same seed draw independent values)."""
+    device = indices.device
+    state = _mix32(_key(seed, device) ^ 0x9E3779B9)
+    state = _mix32(state ^ _key(stream, device))
+    state = _mix32(state ^ _key(indices.long(), device))[:, None]  # [B, 1]
+    return _mix32(state ^ _key(positions.long().to(device), device)[None, :])
+
+
+def index_uniform(
+    indices: torch.Tensor, shape: tuple[int, ...], seed: int = 0, stream: int = 0
+) -> torch.Tensor:
+    """Uniform values in ``[0, 1)``, ``[B, *shape]`` float32: position ``p`` (raster order) of
+    sample ``indices[b]`` depends only on ``(seed, stream, indices[b], p)``."""
+    count = 1
+    for size in shape:
+        count *= size
+    positions = torch.arange(count, device=indices.device)
+    bits = index_hash(indices.reshape(-1), positions, seed, stream) >> 8
+    return (bits.float() / float(1 << 24)).view(indices.numel(), *shape)
+
+
+def random_other_classes(
+    indices: torch.Tensor, excluded: torch.Tensor, num_classes: int, seed: int = 0
+) -> torch.Tensor:
+    """One class per sample drawn uniformly from the ``num_classes − 1`` classes other than
+    ``excluded[b]``, seeded by the sample index, ``LongTensor[B]``.
+
+    As Quantus' ``RandomLogit`` (``evaluate_batch``): an offset ``o`` uniform in
+    ``0 … N − 2`` indexes the classes with the excluded one removed, i.e. the class is
+    ``o + 1[o ≥ excluded]``. Quantus draws ``o`` with ``np.random.seed(seed)`` once per batch
+    (so it depends on the batch composition); here ``o`` is a function of the sample index.
+    Stream 1 is reserved for this draw. Needs ``num_classes ≥ 2``."""
+    if num_classes < 2:
+        raise ValueError(f"a random other class needs at least 2 classes, got {num_classes}")
+    uniform = index_uniform(indices, (1,), seed, stream=1)[:, 0]
+    offsets = (uniform.double() * (num_classes - 1)).long().clamp(max=num_classes - 2)
+    excluded = excluded.to(offsets.device).long()
+    return offsets + (offsets >= excluded).long()
