@@ -53,7 +53,7 @@ def summarise(per_sample: pd.DataFrame, agreement_threshold: float) -> pd.DataFr
 STATS_COLUMNS = [
     "layer", "target_policy", "metric", "method", "reference", "n", "mean", "reference_mean",
     "t_statistic", "t_p_value", "t_p_holm", "t_p_bh", "cohens_d", "wilcoxon_p",
-    "wilcoxon_p_holm", "wilcoxon_p_bh",
+    "wilcoxon_p_holm", "wilcoxon_p_bh", "hypothesis",
 ]  # fmt: skip
 
 
@@ -61,13 +61,15 @@ def method_tests(
     per_sample: pd.DataFrame,
     reference: str,
     agreement_threshold: float,
-    alternative: str = "two-sided",
+    alternative: str = "two_sided",
 ) -> pd.DataFrame:
     """Every method vs ``reference`` per (layer, target policy, metric), paired on the sample
-    index (:func:`saliency.stats.compare_methods`): paired t-test, Cohen's d_z, and for feature
-    agreement the Wilcoxon test against the threshold; p-values Holm- and BH-corrected across
-    the methods compared within each group. Methods without a layer (input-gradient family)
-    are paired with the reference at every layer."""
+    index (:func:`saliency.stats.compare_methods`): paired t-test in the named direction
+    ``alternative`` (``method_greater``, ``method_less``, ``two_sided``: each method relative
+    to the reference; its H1 in words in the ``hypothesis`` column), Cohen's d_z, and for
+    feature agreement the Wilcoxon test against the threshold; p-values Holm- and BH-corrected
+    across the methods compared within each group. Methods without a layer (input-gradient
+    family) are paired with the reference at every layer."""
     frames = []
     layer_free = per_sample[per_sample["layer"] == "input"]
     for (layer, policy, metric), group in per_sample.groupby(GROUP[1:], sort=False):
@@ -82,7 +84,7 @@ def method_tests(
             continue
         threshold = agreement_threshold if _tested(metric) else None
         result = compare_methods(
-            group, reference, alternative=alternative, threshold=threshold
+            group, reference, alternative=alternative, threshold=threshold, metric=metric
         ).assign(layer=layer, target_policy=policy, metric=metric)
         frames.append(result)
     if not frames:

@@ -48,6 +48,7 @@ from callbacks.target_policies import (
 from saliency.errors import ConfigurationError
 from saliency.layers import resolve_layer
 from saliency.metrics.per_sample import PerSampleValues
+from saliency.stats import hypothesis_text, method_alternative
 
 log = logging.getLogger(__name__)
 INPUT_LAYER = "input"  # the layer label of methods that explain the input (no layer)
@@ -77,7 +78,10 @@ class SaliencyEvaluationCallback(L.Callback):
         reference_method: label of the method every other is tested against in ``stats.csv``
             (default: the first method).
         agreement_threshold: Wilcoxon threshold for feature agreement (CASE paper 0.5, code 0.7).
-        test_alternative: alternative of the paired t-test (``two-sided`` as CASE's code).
+        test_alternative: direction of each method's paired t-test against the reference
+            method, by name (:data:`saliency.stats.METHOD_ALTERNATIVES`): ``method_greater``,
+            ``method_less`` or ``two_sided`` (default; CASE's code). CASE Eq. 9 with CASE as
+            the reference is ``method_less``. ``stats.csv`` and ``report.md`` state H1 in words.
         correct_only: explain only correctly classified samples (CASE RQ2 protocol).
         sample_size / sample_seed: evaluate a fixed random sample of the test split
             (``evaluate.py`` restricts the loader: :func:`datamodules.test_subset.sample_test_split`).
@@ -104,7 +108,7 @@ class SaliencyEvaluationCallback(L.Callback):
         metrics: list[str | dict[str, Any]] | None = None,
         reference_method: str | None = None,
         agreement_threshold: float = 0.5,
-        test_alternative: str = "two-sided",
+        test_alternative: str = "two_sided",
         correct_only: bool = False,
         sample_size: int | None = None,
         sample_seed: int = 0,
@@ -131,6 +135,10 @@ class SaliencyEvaluationCallback(L.Callback):
             )
         self._check_metric_policies()
         self.agreement_threshold = agreement_threshold
+        try:
+            method_alternative(test_alternative)
+        except ValueError as error:
+            raise ConfigurationError(f"evaluation.test_alternative: {error}") from None
         self.test_alternative = test_alternative
         self.correct_only = correct_only
         self.sample_size = sample_size
@@ -597,9 +605,11 @@ class SaliencyEvaluationCallback(L.Callback):
         notes = [
             f"Feature agreement: one-sided Wilcoxon signed-rank test of H1: median < "
             f"{self.agreement_threshold} (CASE Eq. 8).",
-            f"stats.csv: paired t-tests ({self.test_alternative}) of each method against "
-            f"{self.reference_method!r} on the same samples, Cohen's d_z, Holm and BH "
-            f"corrections across methods.",
+            f"stats.csv: paired t-tests of each method against {self.reference_method!r} on "
+            f"the same samples, test_alternative {self.test_alternative}: "
+            f"{hypothesis_text(self.test_alternative, 'method', self.reference_method)} "
+            f"(per row in the column hypothesis); Cohen's d_z, Holm and BH corrections across "
+            f"methods.",
         ]
         if self.correct_only:
             notes.append("Only correctly classified samples were explained.")
