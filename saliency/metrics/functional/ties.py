@@ -32,27 +32,21 @@ import torch
 _MASK32 = 0xFFFFFFFF
 
 
-def _multiply32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """``x · constant mod 2³²`` for int64 ``x`` in ``[0, 2³²)``, without int64 overflow (the
-    constant is split into 16-bit halves)."""
-    low, high = constant & 0xFFFF, constant >> 16
-    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (the "lowbias32" xor-shift-multiply finaliser) of int64
-    values in ``[0, 2³²)``."""
-    x = x ^ (x >> 16)
-    x = _multiply32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _multiply32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    """A bijective 32-bit integer hash (xor-shift-multiply, Wellons' "lowbias32" structure with
+    multipliers below 2³¹, so every product of a 32-bit value fits in int64) of int64 values in
+    ``[0, 2³²)``; ``x`` is overwritten."""
+    x.bitwise_xor_(x >> 16)
+    x.mul_(0x21F0AAAD).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x735A2D97).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 15)
 
 
 def tie_break_keys(indices: torch.Tensor, num_positions: int, salt: int = 0) -> torch.Tensor:
     """Tie-break keys ``[B, num_positions]`` (int64 in ``[0, 2³²)``) for the samples ``indices``.
 
-    ``key(index, p) = h(h(p ⊕ s₁) ⊕ s₂)`` with ``h`` a bijective 32-bit hash and ``s₁, s₂``
+    ``key(index, p) = h(p ⊕ s₁) ⊕ s₂`` with ``h`` a bijective 32-bit hash and ``s₁, s₂``
     hashed from ``(index, salt)``: a pure function of the sample index, the position and the
     salt — no generator state, so it is the same on every process and device. Within a row the
     keys are distinct (``p ↦ key`` is a bijection), so ordering a row by key is a permutation.
@@ -67,12 +61,12 @@ def tie_break_keys(indices: torch.Tensor, num_positions: int, salt: int = 0) -> 
             f"indices must be integers (the samples' dataset index), got {indices.dtype}"
         )
     indices = indices.long()
-    salt_word = torch.tensor(salt & _MASK32, dtype=torch.int64, device=indices.device)
+    salt_word = torch.tensor((salt ^ 0x9E3779B9) & _MASK32, device=indices.device)
     low, high = indices & _MASK32, (indices >> 32) & _MASK32
-    first = _mix32(low ^ _mix32(high ^ _mix32(salt_word ^ 0x9E3779B9)))
+    first = _mix32(low ^ _mix32(high ^ _mix32(salt_word)))
     second = _mix32(first ^ 0x85EBCA6B)
     positions = torch.arange(num_positions, dtype=torch.int64, device=indices.device)
-    return _mix32(_mix32(positions ^ first[:, None]) ^ second[:, None])
+    return _mix32(positions ^ first[:, None]).bitwise_xor_(second[:, None])
 
 
 def _check_rows(flat: torch.Tensor, indices: torch.Tensor) -> None:
@@ -87,15 +81,17 @@ def _ranked_values(flat: torch.Tensor) -> torch.Tensor:
     """NaN → ``-inf`` (least salient), ``-0.0`` → ``0.0``; integers and low precision → float32."""
     if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
         flat = flat.float()
-    return torch.where(torch.isnan(flat), float("-inf"), flat) + 0.0
+    inf = float("inf")
+    return torch.nan_to_num(flat, nan=-inf, posinf=inf, neginf=-inf).add_(0.0)
 
 
 def _combined_keys(flat: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """One int64 per pixel ordered as (float32 value, key) lexicographically: the value's bits
-    mapped to a signed integer monotone in the value, times 2³², plus the 32-bit key."""
-    bits = flat.contiguous().view(torch.int32).long()
-    monotone = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats count down
-    return monotone * (1 << 32) + keys
+    as a signed integer monotone in the value (negative floats count down, so their lower 31
+    bits are flipped), times 2³², plus the 32-bit key. ``keys`` is overwritten."""
+    bits = flat.contiguous().view(torch.int32)
+    monotone = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return keys.add_(monotone.long(), alpha=1 << 32)
 
 
 def rank_descending(maps: torch.Tensor, indices: torch.Tensor, salt: int = 0) -> torch.Tensor:
