@@ -30,7 +30,8 @@ class MetricContext:
 
     ``maps``: ``[B, C, H, W]`` for the policy's columns; ``classes``: ``[B, C]``; ``logits`` of
     the unperturbed images; ``batch``: the datamodule's batch (rows already filtered);
-    ``perturbation_batch_size``: images per forward of perturbation metrics.
+    ``perturbation_batch_size``: images per forward of perturbation metrics; ``indices``: the
+    batch's sample ``index``, which every tie-broken metric receives.
     """
 
     model: nn.Module
@@ -41,6 +42,17 @@ class MetricContext:
     batch: Mapping[str, torch.Tensor]
     perturbation_batch_size: int = 256
     cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """The batch's ``index`` ``[B]``: it keys the random tie-breaking of every mask and
+        pixel order (:mod:`saliency.metrics.functional.ties`)."""
+        if "index" not in self.batch:
+            raise ConfigurationError(
+                f"the batch has no 'index' (keys: {sorted(self.batch)}); every dataset item "
+                "must carry its dataset index (DESIGN.md 'Sample format')"
+            )
+        return self.batch["index"]
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self.cache:
@@ -125,12 +137,12 @@ def _perturbation_curve(context: MetricContext, kind: str, options: dict[str, An
     if kind == "deletion":
         compute = lambda: M.deletion_curve(  # noqa: E731
             context.model, context.images, maps, classes, pixels, options["fill"],
-            context.perturbation_batch_size,
+            context.perturbation_batch_size, indices=context.indices,
         )  # fmt: skip
     else:
         compute = lambda: M.insertion_curve(  # noqa: E731
             context.model, context.images, maps, classes, pixels, options["blur_kernel"],
-            options["blur_sigma"], context.perturbation_batch_size,
+            options["blur_sigma"], context.perturbation_batch_size, indices=context.indices,
         )  # fmt: skip
     curve = context.cached(key, compute)
     num_pixels = context.images.shape[-2] * context.images.shape[-1]
@@ -161,7 +173,7 @@ def _confidence_drop(context: MetricContext, options: dict[str, Any]) -> Result:
     maps, classes = _single(context)
     values = M.confidence_drop(
         context.model, context.images, maps, classes, options["fraction"], options["fill"],
-        context.perturbation_batch_size,
+        context.perturbation_batch_size, indices=context.indices,
     )  # fmt: skip
     return {"": values}, {}
 
@@ -175,7 +187,7 @@ def _relative_drop(context: MetricContext, options: dict[str, Any]) -> Result:
         references = LogitNeighbours(1)(context.logits, classes)[:, 0]
     values = M.relative_drop(
         context.model, context.images, maps, classes, references, options["fraction"],
-        options["fill"], context.perturbation_batch_size,
+        options["fill"], context.perturbation_batch_size, indices=context.indices,
     )  # fmt: skip
     return {"": values}, {}
 
@@ -305,8 +317,9 @@ METRICS: dict[str, EvaluationMetric] = {
             description="share of positive saliency mass inside the mask",
         ),
         EvaluationMetric(
-            "pointing_game", _SINGLE, _pointing, {"mask_key": "mask", "ties": "first"},
-            description="argmax inside the mask", choices={"ties": ("first", "any")},
+            "pointing_game", _SINGLE, _pointing, {"mask_key": "mask", "ties": "expected"},
+            description="argmax inside the mask (tied maxima: expected hit)",
+            choices={"ties": ("expected", "first", "any")},
         ),
         EvaluationMetric(
             "aupr", _SINGLE, _aupr, {"mask_key": "mask"}, outputs=("1", "0"),

@@ -60,7 +60,7 @@ def summarise(per_sample: pd.DataFrame, agreement_threshold: float) -> pd.DataFr
 STATS_COLUMNS = [
     "layer", "target_policy", "metric", "method", "reference", "n", "mean", "reference_mean",
     "t_statistic", "t_p_value", "t_p_holm", "t_p_bh", "cohens_d", "wilcoxon_p",
-    "wilcoxon_p_holm", "wilcoxon_p_bh",
+    "wilcoxon_p_holm", "wilcoxon_p_bh", "hypothesis",
 ]  # fmt: skip
 
 
@@ -68,11 +68,13 @@ def method_tests(
     per_sample: pd.DataFrame,
     references: str | Sequence[str],
     agreement_threshold: float,
-    alternative: str = "two-sided",
+    alternative: str = "two_sided",
 ) -> pd.DataFrame:
     """Every method vs each of ``references`` per (layer, target policy, metric), paired on the
     sample index (:func:`saliency.stats.compare_methods`): paired t-test, Cohen's d_z, and for
-    feature agreement the Wilcoxon test against the threshold. One row per (method,
+    feature agreement the Wilcoxon test against the threshold. The t-test's direction is
+    ``alternative`` (``method_greater``, ``method_less``, ``two_sided``: each method relative
+    to its reference; H1 in words in the ``hypothesis`` column). One row per (method,
     reference); a pair of references is tested once (the later reference against the earlier
     one). P-values are Holm- and BH-corrected over the WHOLE table (every row is one test of the
     family); the Wilcoxon test does not involve the reference, so each (layer, policy, metric,
@@ -124,7 +126,7 @@ def _reference_tests(
             continue
         threshold = agreement_threshold if _tested(metric) else None
         result = compare_methods(
-            group, reference, alternative=alternative, threshold=threshold
+            group, reference, alternative=alternative, threshold=threshold, metric=metric
         ).assign(layer=layer, target_policy=policy, metric=metric)
         frames.append(result)
     if not frames:

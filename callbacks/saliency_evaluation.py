@@ -56,6 +56,7 @@ from callbacks.target_policies import (
 from saliency.errors import ConfigurationError
 from saliency.layers import resolve_layer
 from saliency.metrics.per_sample import PerSampleValues
+from saliency.stats import hypothesis_text, method_alternative
 
 log = logging.getLogger(__name__)
 INPUT_LAYER = "input"  # the layer label of methods that explain the input (no layer)
@@ -107,7 +108,10 @@ class SaliencyEvaluationCallback(L.Callback):
             one row per (method, reference), Holm/BH-corrected over the whole table (instead
             of ``reference_method``; not both).
         agreement_threshold: Wilcoxon threshold for feature agreement (CASE paper 0.5, code 0.7).
-        test_alternative: alternative of the paired t-test (``two-sided`` as CASE's code).
+        test_alternative: direction of each method's paired t-test against the reference
+            method, by name (:data:`saliency.stats.METHOD_ALTERNATIVES`): ``method_greater``,
+            ``method_less`` or ``two_sided`` (default; CASE's code). CASE Eq. 9 with CASE as
+            the reference is ``method_less``. ``stats.csv`` and ``report.md`` state H1 in words.
         correct_only: explain only correctly classified samples (CASE RQ2 protocol).
         sample_size / sample_seed: evaluate a fixed random sample of the test split
             (``evaluate.py`` restricts the loader: :func:`datamodules.test_subset.sample_test_split`).
@@ -140,7 +144,7 @@ class SaliencyEvaluationCallback(L.Callback):
         reference_method: str | None = None,
         reference_methods: list[str] | None = None,
         agreement_threshold: float = 0.5,
-        test_alternative: str = "two-sided",
+        test_alternative: str = "two_sided",
         correct_only: bool = False,
         sample_size: int | None = None,
         sample_seed: int = 0,
@@ -166,6 +170,10 @@ class SaliencyEvaluationCallback(L.Callback):
         self.reference_method = self.reference_methods[0]
         self._check_metric_policies()
         self.agreement_threshold = agreement_threshold
+        try:
+            method_alternative(test_alternative)
+        except ValueError as error:
+            raise ConfigurationError(f"evaluation.test_alternative: {error}") from None
         self.test_alternative = test_alternative
         self.correct_only = correct_only
         self.sample_size = sample_size
@@ -703,13 +711,19 @@ class SaliencyEvaluationCallback(L.Callback):
             info["top-2 = sibling (correctly classified)"] = describe_sibling_share(checks)
         return info
 
+    def _reference_word(self) -> str:
+        return self.reference_method if len(self.reference_methods) == 1 else "reference"
+
     def _notes(self) -> list[str]:
         notes = [
             f"Feature agreement: one-sided Wilcoxon signed-rank test of H1: median < "
             f"{self.agreement_threshold} (CASE Eq. 8).",
-            f"stats.csv: paired t-tests ({self.test_alternative}) of each method against "
+            f"stats.csv: paired t-tests of each method against "
             f"{' and '.join(repr(r) for r in self.reference_methods)} on the same samples, "
-            f"Cohen's d_z, Holm and BH corrections over the whole table.",
+            f"test_alternative {self.test_alternative}: "
+            f"{hypothesis_text(self.test_alternative, 'method', self._reference_word())} "
+            f"(per row in the column hypothesis); Cohen's d_z, Holm and BH corrections over the "
+            f"whole table.",
         ]
         if self.correct_only:
             notes.append("Only correctly classified samples were explained.")

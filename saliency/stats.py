@@ -59,6 +59,56 @@ def _check_alternative(alternative: str) -> None:
         )
 
 
+METHOD_ALTERNATIVES: dict[str, str] = {
+    "two_sided": "two-sided",
+    "method_greater": "greater",
+    "method_less": "less",
+}
+"""Directions of a method's paired test against the *reference method*, by name, and scipy's
+``alternative`` for the difference ``d = method − reference`` they test:
+
+- ``method_greater``: H1: mean(method − reference) > 0, the method's mean is larger;
+- ``method_less``: H1: mean(method − reference) < 0, the method's mean is smaller;
+- ``two_sided``: H1: mean(method − reference) ≠ 0.
+
+CASE Eq. 9 (H1: Mean(D_CASE) > Mean(D_baseline)) with CASE as the reference method is
+``method_less``: each baseline's mean drop is smaller than CASE's.
+"""
+
+
+def method_alternative(name: str) -> str:
+    """scipy's ``alternative`` for the named direction of :data:`METHOD_ALTERNATIVES`; a bare
+    ``greater`` / ``less`` / ``two-sided`` (which does not say which side is which) and any
+    other value raise ``ValueError`` naming the valid ones."""
+    if name in METHOD_ALTERNATIVES:
+        return METHOD_ALTERNATIVES[name]
+    valid = ", ".join(METHOD_ALTERNATIVES)
+    if name in _ALTERNATIVES:
+        raise ValueError(
+            f"test alternative {name!r} does not say which side it is on; use {valid} — the "
+            "hypothesis about each compared method relative to the reference method "
+            "(method_greater: H1 mean(method − reference) > 0; method_less: < 0). CASE Eq. 9 "
+            "with CASE as the reference is method_less"
+        )
+    raise ValueError(f"test alternative must be one of {valid}, got {name!r}")
+
+
+def hypothesis_text(
+    alternative: str, method: str = "the method", reference: str = "the reference", metric: str = ""
+) -> str:
+    """The alternative hypothesis of a paired test of ``method`` against ``reference`` in
+    words, e.g. ``"H1: mean(grad_cam − case) < 0 (grad_cam's mean confidence_drop is lower
+    than case's; one-sided)"``."""
+    method_alternative(alternative)
+    quantity = f"mean {metric}" if metric else "mean"
+    sign, words = {
+        "method_greater": (">", f"higher than {reference}'s; one-sided"),
+        "method_less": ("<", f"lower than {reference}'s; one-sided"),
+        "two_sided": ("≠", f"different from {reference}'s; two-sided"),
+    }[alternative]
+    return f"H1: mean({method} − {reference}) {sign} 0 ({method}'s {quantity} is {words})"
+
+
 def _paired_differences(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
@@ -221,24 +271,27 @@ def compare_methods(
     method_col: str = "method",
     index_col: str = "index",
     value_col: str = "value",
-    alternative: str = "two-sided",
+    alternative: str = "two_sided",
     threshold: float | None = None,
+    metric: str = "",
 ) -> pd.DataFrame:
     """Compare every method with ``reference`` over the same samples (CASE RQ1/RQ2 protocol).
 
     ``frame`` is tidy: one row per (method, sample index) with the metric in ``value_col``.
     Each non-reference method is inner-joined with the reference on ``index_col``, so only the
     samples both have enter. Per method: paired t-test of ``method − reference``
-    (:func:`paired_t_test`, ``alternative`` as there: "greater" = method larger), Cohen's d_z
-    (:func:`cohens_d_paired`) and, when ``threshold`` is given, the one-sided Wilcoxon test of
-    H1: median(method) < threshold (:func:`wilcoxon_below`, CASE Eq. 8). P-values are corrected
-    across the compared methods with Holm and Benjamini–Hochberg.
+    (:func:`paired_t_test`) in the direction ``alternative`` names
+    (:data:`METHOD_ALTERNATIVES`: ``method_greater``, ``method_less`` or ``two_sided``),
+    Cohen's d_z (:func:`cohens_d_paired`) and, when ``threshold`` is given, the one-sided
+    Wilcoxon test of H1: median(method) < threshold (:func:`wilcoxon_below`, CASE Eq. 8).
+    P-values are corrected across the compared methods with Holm and Benjamini–Hochberg.
 
     Returns one row per non-reference method with columns ``method, reference, n, mean,
     reference_mean, t_statistic, t_p_value, t_p_holm, t_p_bh, cohens_d, wilcoxon_p,
-    wilcoxon_p_holm, wilcoxon_p_bh`` (Wilcoxon columns NaN without a threshold).
+    wilcoxon_p_holm, wilcoxon_p_bh, hypothesis`` (Wilcoxon columns NaN without a threshold;
+    ``hypothesis`` the t-test's H1 in words, :func:`hypothesis_text`, naming ``metric``).
     """
-    _check_alternative(alternative)
+    scipy_alternative = method_alternative(alternative)
     missing = [c for c in (method_col, index_col, value_col) if c not in frame.columns]
     if missing:
         raise ValueError(
@@ -263,7 +316,7 @@ def compare_methods(
         joined = own.merge(ref, on=index_col, how="inner", suffixes=("_m", "_r"))
         a = joined[f"{value_col}_m"].to_numpy(dtype=np.float64)
         b = joined[f"{value_col}_r"].to_numpy(dtype=np.float64)
-        t = paired_t_test(a, b, alternative=alternative)
+        t = paired_t_test(a, b, alternative=scipy_alternative)
         wilcoxon_p = math.nan
         if threshold is not None and a.size > 0:
             wilcoxon_p = wilcoxon_below(a, threshold).p_value
@@ -278,6 +331,7 @@ def compare_methods(
                 "t_p_value": t.p_value,
                 "cohens_d": cohens_d_paired(a, b),
                 "wilcoxon_p": wilcoxon_p,
+                "hypothesis": hypothesis_text(alternative, str(method), str(reference), metric),
             }
         )
     columns = [
@@ -294,6 +348,7 @@ def compare_methods(
         "wilcoxon_p",
         "wilcoxon_p_holm",
         "wilcoxon_p_bh",
+        "hypothesis",
     ]
     result = pd.DataFrame(rows, columns=[c for c in columns if "holm" not in c and "_bh" not in c])
     if result.empty:

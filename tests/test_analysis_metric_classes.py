@@ -85,7 +85,7 @@ def test_pic_class_matches_functional_and_skips_invalid_images():
     ).eval()
     generator = torch.Generator().manual_seed(3)
     images = torch.rand(3, 3, 24, 24, generator=generator) * 2 - 1
-    maps = torch.rand(3, 24, 24, generator=generator)
+    maps = (torch.rand(3, 24, 24, generator=generator) * 5).floor()  # ties at the quantiles
     classes = torch.tensor([0, 1, 2])
     index = torch.tensor([5, 6, 7])
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -93,8 +93,9 @@ def test_pic_class_matches_functional_and_skips_invalid_images():
     metric.update(model, images, maps, classes, index)
     masks = torch.cat([F.random_pixel_masks(1, 24, 24, seed=10 + i) for i in (5, 6, 7)])
     expected = F.pic_curves(
-        model, images, maps, classes, mean=mean, std=std, random_masks=masks, min_confidence=0.0
-    )
+        model, images, maps, classes, mean=mean, std=std, random_masks=masks, min_confidence=0.0,
+        indices=index,
+    )  # fmt: skip
     _, table = metric.per_sample_table()
     torch.testing.assert_close(table["sic_auc"], expected.sic_auc.float(), atol=1e-5, rtol=0)
     assert torch.equal(table["sic_valid"].bool(), expected.sic_valid)

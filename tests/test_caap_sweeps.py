@@ -86,14 +86,15 @@ def direct_values(model, samples, layers, operator) -> dict[str, torch.Tensor]:
         top1 = model(images).argmax(dim=1)
     method = create_method("caap", model, mode="loop", selection=operator, layers=layers)
     maps = method(images, top1[:, None])[:, 0]
-    insertion = M.insertion_auc(model, images, maps, top1)
-    deletion = M.deletion_auc(model, images, maps, top1)
+    indices = torch.stack([s["index"] for s in samples])
+    insertion = M.insertion_auc(model, images, maps, top1, indices=indices)
+    deletion = M.deletion_auc(model, images, maps, top1, indices=indices)
     positive, negative = M.aupr(maps, masks)
     return {
         "insertion_auc": insertion,
         "deletion_auc": deletion,
         "insertion_minus_deletion": insertion - deletion,
-        "pointing_game": M.pointing_game(maps, masks, "first").float(),
+        "pointing_game": M.pointing_game(maps, masks).float(),
         "aupr1": positive,
         "aupr0": negative,
     }

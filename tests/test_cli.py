@@ -79,11 +79,13 @@ WIDE = [
     "--evaluation.layers", "[features.3, features.2]",
     "--evaluation.targets", "[top1_vs_top2, top1]",
     "--evaluation.metrics",
-    "[feature_agreement, deletion_auc, "
+    "[feature_agreement, deletion_auc, confidence_drop, "
     "{name: energy_pointing_game, label: mark_energy, kwargs: {mask_key: part_mask}}]",
     "--evaluation.gallery_size", "3",
     "--evaluation.confusion_matrix", "holdout", "--evaluation.confusion_holdout_per_class", "3",
 ]  # fmt: skip
+# feature_agreement, deletion_auc and confidence_drop rank the ReLU'd maps, whose zeros tie:
+# their ties are broken by the sample index, so DDP's other batches must not change them.
 
 
 def test_ddp_evaluation_equals_single_device_each_sample_once(trained_run, tmp_path):
@@ -108,7 +110,7 @@ def test_ddp_evaluation_equals_single_device_each_sample_once(trained_run, tmp_p
     keys = ["method", "layer", "target_policy", "metric", "index"]
     single = pd.read_parquet(tmp_path / "one" / "per_sample.parquet").sort_values(keys)
     double = pd.read_parquet(tmp_path / "two" / "per_sample.parquet").sort_values(keys)
-    assert len(single) == 5 * 3 * 7  # (method, layer) pairs × values × samples
+    assert len(single) == 5 * 4 * 7  # (method, layer) pairs × values × samples
     for frame in (single, double):
         counts = frame.groupby(keys[:-1])["index"].agg(list)
         assert all(sorted(indices) == list(range(7)) for indices in counts), counts

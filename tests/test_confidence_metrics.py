@@ -55,21 +55,35 @@ class SignedSum(nn.Module):
         return torch.stack([s, torch.zeros_like(s)], dim=1)
 
 
-def test_mask_top_pixels_selects_k_with_position_ties():
+def test_mask_top_pixels_selects_k_with_index_keyed_random_ties():
     images = torch.ones(2, 3, 4, 4)
     maps = torch.zeros(2, 4, 4)
     maps[0, 3, 3] = 2.0
     maps[0, 0, 1] = 1.0
-    # fraction 0.125 of 16 pixels → k = 2; map 1 is all ties → the first two pixels.
-    masked = mask_top_pixels(images, maps, 0.125, fill=-1.0)
-    expected = torch.ones(2, 3, 4, 4)
-    expected[0, :, 3, 3] = expected[0, :, 0, 1] = -1.0
-    expected[1, :, 0, 0] = expected[1, :, 0, 1] = -1.0
-    assert torch.equal(masked, expected)
+    # fraction 0.125 of 16 pixels → k = 2; map 0 has two distinct top pixels, map 1 is all ties.
+    masked = mask_top_pixels(images, maps, 0.125, fill=-1.0, indices=torch.tensor([7, 8]))
+    expected = torch.ones(3, 4, 4)
+    expected[:, 3, 3] = expected[:, 0, 1] = -1.0
+    assert torch.equal(masked[0], expected)
+    removed = masked[1, 0] == -1.0
+    assert int(removed.sum()) == 2 and (masked[1] == -1.0).all(dim=0).equal(removed)
+    # The tied map's two pixels depend on its index only (not on its batch neighbours) ...
+    alone = mask_top_pixels(images[1:], maps[1:], 0.125, fill=-1.0, indices=torch.tensor([8]))
+    assert torch.equal(alone[0], masked[1])
+    # ... and over many indices every pixel is drawn about equally often (k/N = 1/8 each),
+    # where the raster rule always took pixels 0 and 1.
+    many = torch.arange(4000)
+    flat = mask_top_pixels(
+        torch.ones(4000, 1, 4, 4), torch.zeros(4000, 4, 4), 0.125, fill=-1.0, indices=many
+    ).flatten(1)
+    frequency = (flat == -1.0).double().mean(dim=0)
+    assert (frequency - 0.125).abs().max() < 4 * (0.125 * 0.875 / 4000) ** 0.5
     with pytest.raises(ValueError, match="upsample"):
-        mask_top_pixels(images, torch.zeros(2, 2, 2), 0.1)
+        mask_top_pixels(images, torch.zeros(2, 2, 2), 0.1, indices=torch.arange(2))
     with pytest.raises(ValueError, match="fraction"):
-        mask_top_pixels(images, maps, 0.0)
+        mask_top_pixels(images, maps, 0.0, indices=torch.arange(2))
+    with pytest.raises(ValueError, match="index"):
+        mask_top_pixels(images, maps, 0.125, indices=torch.arange(3))
 
 
 def test_confidence_drop_closed_form_one_forward():
@@ -77,21 +91,22 @@ def test_confidence_drop_closed_form_one_forward():
     images = torch.full((3, 1, 4, 4), 0.25)  # Σx = 4 → p₀ = σ(4)
     maps = torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0))
     # k = 0.25 · 16 = 4 pixels zeroed → Σx = 3 → p₀ = σ(3); p₁ = 1 − p₀.
-    drop = confidence_drop(model, images, maps, torch.tensor([0, 0, 1]), fraction=0.25)
+    drop = confidence_drop(
+        model, images, maps, torch.tensor([0, 0, 1]), fraction=0.25, indices=torch.arange(3)
+    )
     d = sigmoid(4) - sigmoid(3)
     torch.testing.assert_close(drop, torch.tensor([d, d, -d]))
     assert not drop.requires_grad
 
     counted = HalfSums()
     images = torch.ones(5, 1, 4, 4)
-    confidence_drop(counted, images, torch.rand(5, 4, 4), torch.zeros(5, dtype=torch.long))
+    five, no_class = torch.arange(5), torch.zeros(5, dtype=torch.long)
+    confidence_drop(counted, images, torch.rand(5, 4, 4), no_class, indices=five)
     assert counted.calls == 1 and counted.batch_sizes == [10]  # originals + masked together
     chunked = HalfSums()
     maps = torch.rand(5, 4, 4, generator=torch.Generator().manual_seed(1))
-    full = confidence_drop(HalfSums(), images, maps, torch.zeros(5, dtype=torch.long), 0.25)
-    small = confidence_drop(
-        chunked, images, maps, torch.zeros(5, dtype=torch.long), 0.25, batch_size=3
-    )
+    full = confidence_drop(HalfSums(), images, maps, no_class, 0.25, indices=five)
+    small = confidence_drop(chunked, images, maps, no_class, 0.25, batch_size=3, indices=five)
     assert chunked.batch_sizes == [3, 3, 3, 1]
     torch.testing.assert_close(full, small)
 
@@ -101,7 +116,7 @@ def test_masked_confidences_multiple_classes():
     maps = torch.zeros(1, 2, 4)
     maps[0, :, :2] = 1.0  # the 4 left pixels are the top half
     before, after, probs = masked_confidences(
-        HalfSums(), images, maps, torch.tensor([[0, 1, 2]]), fraction=0.5
+        HalfSums(), images, maps, torch.tensor([[0, 1, 2]]), fraction=0.5, indices=torch.arange(1)
     )
     torch.testing.assert_close(before, torch.tensor([[4.0, 4.0, 0.0]]).softmax(1))
     torch.testing.assert_close(after, torch.tensor([[0.0, 4.0, 0.0]]).softmax(1))
@@ -118,7 +133,10 @@ def test_relative_drop_closed_form():
     p_left_gone = torch.tensor([0.0, 2.0, 0.0]).softmax(0)
     p_right_gone = torch.tensor([2.0, 0.0, 0.0]).softmax(0)
     classes = torch.tensor([0, 0])
-    rd = relative_drop(model, images, maps, classes, torch.tensor([1, 1]), fraction=0.5)
+    two = torch.arange(2)
+    rd = relative_drop(
+        model, images, maps, classes, torch.tensor([1, 1]), fraction=0.5, indices=two
+    )
     expected = torch.stack(
         [
             (p[0] - p_left_gone[0]) - (p[1] - p_left_gone[1]),
@@ -128,9 +146,10 @@ def test_relative_drop_closed_form():
     torch.testing.assert_close(rd, expected)
     assert rd[0] > 0 > rd[1]  # removing c's evidence is discriminative, removing d's is not
     # Default reference: the most probable class other than c on the original image = class 1.
-    torch.testing.assert_close(relative_drop(model, images, maps, classes, fraction=0.5), expected)
+    default = relative_drop(model, images, maps, classes, fraction=0.5, indices=two)
+    torch.testing.assert_close(default, expected)
     with pytest.raises(ValueError, match="reference_classes"):
-        relative_drop(model, images, maps, classes, classes, fraction=0.5)
+        relative_drop(model, images, maps, classes, classes, fraction=0.5, indices=two)
 
 
 def test_average_drop_increase_gain_closed_form():

@@ -118,6 +118,12 @@ def test_full_width_evaluation_writes_every_output(trained_run, tmp_path, monkey
     assert set(stats["reference"]) == {"grad_cam"}
     assert set(stats["method"]) == {"case", "input_x_gradient"}
     assert stats["t_p_holm"].ge(stats["t_p_value"] - 1e-12).all()
+    # The default direction, stated in words per row and in the report.
+    row = stats[(stats.method == "case") & (stats.metric == "deletion_auc")].iloc[0]
+    assert row["hypothesis"] == (
+        "H1: mean(case − grad_cam) ≠ 0 (case's mean deletion_auc is different from grad_cam's; "
+        "two-sided)"
+    )
     sanity = pd.read_csv(run_dir / "sanity_checks.csv")
     assert sanity.groupby(["method", "layer"])["step_index"].max().eq(2).all()
 
@@ -135,6 +141,7 @@ def test_full_width_evaluation_writes_every_output(trained_run, tmp_path, monkey
     assert links and all((run_dir / link).is_file() for link in links)
     assert "case" in report and "input_x_gradient" in report
     assert "all k=1 contrasts came from the confusion matrix" in report
+    assert "test_alternative two_sided: H1: mean(method − grad_cam) ≠ 0" in report
     assert not list(run_dir.glob(".staging-*"))
 
     summary_keys = wandb_run["summary"]
@@ -234,6 +241,9 @@ def test_bad_configs_fail_before_any_computation(trained_run, tmp_path, monkeypa
 
     message = _error([*base, "--evaluation.autocast", "true"], monkeypatch, capsys)
     assert "CUDA" in message
+
+    message = _error([*base, "--evaluation.test_alternative", "greater"], monkeypatch, capsys)
+    assert "'greater'" in message and "method_greater, method_less" in message
 
 
 def test_class_sensitivity_study_shows_ceiling_chance_and_both_references(

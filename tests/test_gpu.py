@@ -131,20 +131,27 @@ def test_model_metrics_on_cuda_equal_cpu():
     torch.manual_seed(0)
     model = SmallReLUNet()
     images = torch.randn(4, 3, 16, 16)
-    maps = torch.rand(4, 16, 16)
+    # Three tie levels: the index-keyed tie-breaking must be the same on both devices.
+    maps = (torch.rand(4, 16, 16) * 3).floor()
     classes = torch.tensor([0, 1, 2, 3])
     references = torch.tensor([1, 2, 3, 4])
+    indices = torch.tensor([3, 70, 2**33 + 1, 0])
 
     def compute(device: str) -> dict[str, torch.Tensor]:
         net = copy.deepcopy(model).to(device)
-        x, e, c, r = (t.to(device) for t in (images, maps, classes, references))
+        x, e, c, r, i = (t.to(device) for t in (images, maps, classes, references, indices))
         return {
-            "deletion": M.deletion_auc(net, x, e, c, pixels_per_step=16, batch_size=7),
-            "insertion": M.insertion_curve(net, x, e, c, pixels_per_step=16, blur_kernel=5),
-            "confidence_drop": M.confidence_drop(net, x, e, c),
-            "relative_drop": M.relative_drop(net, x, e, c, r),
+            "deletion": M.deletion_auc(net, x, e, c, pixels_per_step=16, batch_size=7, indices=i),
+            "insertion": M.insertion_curve(
+                net, x, e, c, pixels_per_step=16, blur_kernel=5, indices=i
+            ),
+            "confidence_drop": M.confidence_drop(net, x, e, c, indices=i),
+            "relative_drop": M.relative_drop(net, x, e, c, r, indices=i),
             **M.drop_increase_gain(net, x, e, c),
             "agreement": M.feature_agreement(e, e.flip(-1)),
+            "sparse_agreement": M.feature_agreement(e - 1.5, e.flip(-1) - 1.5),
+            "top_k_intersection": M.top_k_intersection(e, e > 1.5, 13),
+            "mask": M.mask_top_pixels(x, e, 0.2, indices=i),
         }
 
     cpu, cuda = compute("cpu"), compute("cuda")

@@ -66,7 +66,12 @@ def test_pointing_game_ties_and_energy_closed_form():
     maps[1, 1, 2] = maps[1, 3, 0] = 5.0
     masks[1, 3, 0] = True  # the later tie does not count
     masks[2, 0, 0] = True  # constant map points at (0, 0)
-    assert torch.equal(pointing_game(maps, masks), torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.equal(pointing_game(maps, masks, ties="first"), torch.tensor([1.0, 0.0, 1.0]))
+    # Default: the expected hit when the maximum is drawn uniformly among the tied maxima —
+    # one of two maxima inside, one of 16 for the constant map, never (0, 0) by position.
+    expected = torch.tensor([0.5, 0.5, 1 / 16])
+    torch.testing.assert_close(pointing_game(maps, masks), expected)
+    assert torch.equal(pointing_game(maps, masks, ties="any"), torch.ones(3))
     energy_maps = torch.tensor([[[3.0, 1.0], [-4.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
     energy_masks = torch.tensor([[[True, False], [True, True]], [[True, False], [False, False]]])
     # Negative mass is ignored: 3 / (3 + 1); an all-zero map scores 0 (no NaN).
@@ -80,6 +85,8 @@ def test_pointing_game_ties_and_energy_closed_form():
         pointing_game(maps, masks.float())
     with pytest.raises(ValueError, match="shape"):
         pointing_game(maps, masks[:, :2])
+    with pytest.raises(ValueError, match="expected"):
+        pointing_game(maps, masks, ties="last")
 
 
 def test_average_precision_matches_sklearn_with_ties():

@@ -73,7 +73,9 @@ def data() -> dict[str, torch.Tensor]:
     masks[:, 3:7, 3:7] = True  # never empty
     return {
         "images": torch.randn(N, 3, SIZE, SIZE, generator=g),
-        "maps": torch.rand(N, SIZE, SIZE, generator=g),
+        # Four levels: many ties, so the per-index tie-breaking of masks and orders is exercised
+        # (and must not depend on how the samples are batched, see the padded test below).
+        "maps": (torch.rand(N, SIZE, SIZE, generator=g) * 4).floor() / 4,
         "maps_b": torch.rand(N, SIZE, SIZE, generator=g),
         "classes": torch.randint(0, CLASSES, (N,), generator=g),
         "masks": masks,
@@ -83,7 +85,7 @@ def data() -> dict[str, torch.Tensor]:
 
 
 def _insertion_auc(model, images, maps, classes, pixels_per_step):
-    curve = F.insertion_curve(model, images, maps, classes, pixels_per_step)
+    curve = F.insertion_curve(model, images, maps, classes, pixels_per_step, indices=SAMPLE_INDEX)
     return F.curve_auc(curve, SIZE * SIZE, pixels_per_step)
 
 
@@ -120,7 +122,9 @@ CASES = [
         lambda: ConfidenceDrop(fraction=0.1, batch_size=4),
         lambda m, d, s, model: m.update(*_model_args(d, s, model)),
         lambda d, model: {
-            "confidence_drop": F.confidence_drop(model, d["images"], d["maps"], d["classes"], 0.1)
+            "confidence_drop": F.confidence_drop(
+                model, d["images"], d["maps"], d["classes"], 0.1, indices=SAMPLE_INDEX
+            )
         },
         queries_model=True,
     ),
@@ -129,7 +133,9 @@ CASES = [
         lambda: RelativeDrop(fraction=0.1, batch_size=4),
         lambda m, d, s, model: m.update(*_model_args(d, s, model)),
         lambda d, model: {
-            "relative_drop": F.relative_drop(model, d["images"], d["maps"], d["classes"], None, 0.1)
+            "relative_drop": F.relative_drop(
+                model, d["images"], d["maps"], d["classes"], None, 0.1, indices=SAMPLE_INDEX
+            )
         },
         queries_model=True,
     ),
@@ -141,7 +147,13 @@ CASES = [
         ),
         lambda d, model: {
             "relative_drop": F.relative_drop(
-                model, d["images"], d["maps"], d["classes"], (d["classes"] + 1) % CLASSES, 0.05
+                model,
+                d["images"],
+                d["maps"],
+                d["classes"],
+                (d["classes"] + 1) % CLASSES,
+                0.05,
+                indices=SAMPLE_INDEX,
             )
         },
         queries_model=True,
@@ -158,7 +170,9 @@ CASES = [
         lambda: DeletionAUC(pixels_per_step=SIZE, batch_size=5),
         lambda m, d, s, model: m.update(*_model_args(d, s, model)),
         lambda d, model: {
-            "deletion_auc": F.deletion_auc(model, d["images"], d["maps"], d["classes"], SIZE)
+            "deletion_auc": F.deletion_auc(
+                model, d["images"], d["maps"], d["classes"], SIZE, indices=SAMPLE_INDEX
+            )
         },
         queries_model=True,
     ),
@@ -177,7 +191,9 @@ CASES = [
         lambda m, d, s, model: m.update(*_model_args(d, s, model)),
         lambda d, model: {
             "deletion_auc": (
-                deletion := F.deletion_auc(model, d["images"], d["maps"], d["classes"])
+                deletion := F.deletion_auc(
+                    model, d["images"], d["maps"], d["classes"], indices=SAMPLE_INDEX
+                )
             ),
             "insertion_auc": (
                 insertion := _insertion_auc(model, d["images"], d["maps"], d["classes"], SIZE)

@@ -43,7 +43,10 @@ def test_deletion_curve_closed_form_and_batch_invariance():
     images = torch.rand(3, 3, 4, 4) + 0.5
     maps = torch.rand(3, 4, 4)
     classes = torch.zeros(3, dtype=torch.long)
-    curve = deletion_curve(MeanBrightness(), images, maps, classes, pixels_per_step=4)
+    indices = torch.arange(3)
+    curve = deletion_curve(
+        MeanBrightness(), images, maps, classes, pixels_per_step=4, indices=indices
+    )
     assert curve.shape == (3, 5)  # 16 pixels, 4 per step → 4 steps + 1 point
     order = maps.flatten(1).argsort(dim=1, descending=True)
     for b in range(3):
@@ -54,12 +57,14 @@ def test_deletion_curve_closed_form_and_batch_invariance():
             assert curve[b, step].item() == pytest.approx(torch.sigmoid(s).item(), abs=1e-6)
     # The forward batch size changes nothing.
     for batch_size in (1, 4, 1000):
-        small = deletion_curve(MeanBrightness(), images, maps, classes, 4, batch_size=batch_size)
+        small = deletion_curve(
+            MeanBrightness(), images, maps, classes, 4, batch_size=batch_size, indices=indices
+        )
         torch.testing.assert_close(small, curve)
     expected_auc = ((curve[:, :-1] + curve[:, 1:]) / 2).mean(dim=1)
     torch.testing.assert_close(curve_auc(curve, 16, 4), expected_auc)
     torch.testing.assert_close(
-        deletion_auc(MeanBrightness(), images, maps, classes, 4), expected_auc
+        deletion_auc(MeanBrightness(), images, maps, classes, 4, indices=indices), expected_auc
     )
 
 

@@ -25,8 +25,11 @@ from saliency.metrics import (
     DropIncreaseGain,
     FeatureAgreement,
     PointingGame,
+    RelativeDrop,
     SampleMetric,
+    TopKIntersection,
 )
+from saliency.metrics.functional import confidence_drop
 
 WORLD_SIZE = 2
 NUM_SAMPLES = 7  # odd: the sampler pads rank 1 with sample 0 again
@@ -37,10 +40,14 @@ TIMEOUT_S = 600  # cold imports on a loaded machine; a healthy run takes seconds
 
 def _data() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
+    # Sparse, quantised maps: most pixels tie (at 0 or at one of three levels), so the masks,
+    # orders and overlaps below all depend on the tie rule — keyed by the sample index, it
+    # must give every rank the values one process gets, whatever the batches hold.
+    sparse = (torch.rand(NUM_SAMPLES, SIZE, SIZE, generator=g) * 8 - 5).clamp(min=0).floor()
     return {
         "image": torch.randn(NUM_SAMPLES, 3, SIZE, SIZE, generator=g),
-        "map": torch.rand(NUM_SAMPLES, SIZE, SIZE, generator=g),
-        "map_b": torch.rand(NUM_SAMPLES, SIZE, SIZE, generator=g),
+        "map": sparse,
+        "map_b": (torch.rand(NUM_SAMPLES, SIZE, SIZE, generator=g) * 8 - 6).clamp(min=0).floor(),
         "mask": torch.rand(NUM_SAMPLES, SIZE, SIZE, generator=g) > 0.5,
         "label": torch.randint(0, CLASSES, (NUM_SAMPLES,), generator=g),
     }
@@ -76,6 +83,8 @@ def _metrics() -> dict[str, SampleMetric]:
         "confidence_drop": ConfidenceDrop(fraction=0.1, batch_size=3),
         "drop_increase_gain": DropIncreaseGain(batch_size=3),
         "feature_agreement": FeatureAgreement(fraction=0.1, wilcoxon_threshold=0.5),
+        "relative_drop": RelativeDrop(fraction=0.2, batch_size=3),
+        "top_k_intersection": TopKIntersection(k=12),
         # Updated by rank 0 only, with every sample: rank 1 contributes an empty state.
         "pointing_game_rank0": PointingGame(),
     }
@@ -87,6 +96,8 @@ def _update(metrics: dict[str, SampleMetric], model: nn.Module, batch: dict) -> 
     metrics["confidence_drop"].update(model, image, maps, label, index)
     metrics["drop_increase_gain"].update(model, image, maps, label, index)
     metrics["feature_agreement"].update(maps, batch["map_b"], index)
+    metrics["relative_drop"].update(model, image, maps, label, index)
+    metrics["top_k_intersection"].update(maps, batch["mask"], index)
 
 
 def _results(metrics: dict[str, SampleMetric]) -> dict[str, dict]:
@@ -146,6 +157,14 @@ def test_two_processes_equal_one_process(tmp_path):
         expected = _single_process()
     finally:
         torch.set_num_threads(threads)
+    # The ties matter on these data: other indices draw other masks, so equal values below
+    # show that every rank broke the ties as one process did, not by batch position.
+    data, model = _data(), _model()
+    shifted = confidence_drop(
+        model, data["image"], data["map"], data["label"], 0.1, indices=torch.arange(7) + 100
+    )
+    own = torch.tensor(expected["confidence_drop"]["table"]["confidence_drop"])
+    assert not torch.allclose(shifted, own, rtol=0, atol=1e-6)
     context = mp.start_processes(
         _worker,
         args=(str(tmp_path / "rendezvous"), str(tmp_path)),
@@ -179,7 +198,7 @@ def test_two_processes_equal_one_process(tmp_path):
                     assert got["summary"][key] == pytest.approx(value, abs=1e-6, nan_ok=True)
         # The sampler padded: 8 rows gathered for 7 samples, 4 on each rank; compute() and
         # per_sample_table() counted the duplicate once.
-        for name in ("deletion_insertion", "confidence_drop", "feature_agreement"):
+        for name in ("deletion_insertion", "confidence_drop", "feature_agreement", "relative_drop"):
             assert results[name]["local_rows"] == 4
             assert results[name]["gathered_rows"] == 8 > NUM_SAMPLES
         # A rank without samples contributes an empty state that gathers with the others.

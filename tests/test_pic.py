@@ -4,6 +4,7 @@ protocol of the public PAIR-code ``saliency.metrics.pic``; plus invariants and e
 
 from __future__ import annotations
 
+import functools
 import io
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,9 +24,12 @@ from saliency.metrics.functional.pic import (
     pic_curves,
     pic_interpolate,
     random_pixel_masks,
+    saliency_keep_masks,
     to_uint8_pixels,
 )
 from tests.tiny_models import TinyCAMNet
+
+_pic_curves = pic_curves
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -175,6 +179,11 @@ def ref_curve(model, series, infos, cls, kind, min_pred, points=1000):
 # ---------------------------------------------------------------- fixtures
 
 
+def _indices(images: torch.Tensor) -> torch.Tensor:
+    """Dataset indices of a test batch (they key the tie-breaking at the quantiles)."""
+    return torch.arange(len(images))
+
+
 @pytest.fixture(scope="module")
 def batch():
     pixels = structured_images()
@@ -188,8 +197,10 @@ def batch():
 
 @pytest.fixture(scope="module")
 def result(batch):
+    """With the reference's tie rule (keep every pixel at the quantile): the maps of images 1
+    (quantised) and 4 (constant) have ties there, and this result is compared with it."""
     _, images, maps, model, classes = batch
-    return pic_curves(model, images, maps, classes, mean=MEAN, std=STD, batch_size=64)
+    return pic_curves(model, images, maps, classes, mean=MEAN, std=STD, ties="keep_all")
 
 
 # ---------------------------------------------------------------- tests
@@ -211,6 +222,17 @@ def test_matches_single_image_reference(batch, result):
     aggregated = aggregate_pic(result)
     for i, (_, infos) in enumerate(references):
         assert result.information[i].tolist() == infos
+    # The default tie rule gives the reference's images wherever the maps have no ties at the
+    # quantiles; on the quantised map (image 1) it keeps fewer pixels than the reference, which
+    # keeps every tied one (module docstring, step 5). Image 4's map is constant too, but so
+    # is the image: any kept set interpolates to the same image.
+    _, images, *_ = batch
+    random_ties = pic_curves(
+        model, images, maps, classes, mean=MEAN, std=STD, indices=_indices(images)
+    )
+    for i, (_, infos) in enumerate(references):
+        same = random_ties.information[i].tolist() == infos
+        assert same == (i != 1), i
     for kind, prefix in (("softmax", "sic"), ("accuracy", "aic")):
         curves = []
         for i, (series, infos) in enumerate(references):
@@ -249,6 +271,7 @@ def test_matches_reference_random_init_cnn():
     out = pic_curves(
         model, images, maps, classes, mean=MEAN, std=STD, thresholds=thresholds,
         random_masks=masks, min_confidence=0.0, num_points=200, batch_size=1,
+        indices=_indices(images),
     )  # fmt: skip
     for i in range(4):
         with threadpool_limits(1):
@@ -348,8 +371,9 @@ def test_constant_softmax_model_is_skipped(batch):
     _, images, maps, _, _ = batch
     classes = torch.ones(len(images), dtype=torch.long)
     out = pic_curves(
-        ConstantNet(), images, maps, classes, mean=MEAN, std=STD, thresholds=(0.1, 0.5)
-    )
+        ConstantNet(), images, maps, classes, mean=MEAN, std=STD, thresholds=(0.1, 0.5),
+        indices=_indices(images),
+    )  # fmt: skip
     assert torch.allclose(out.scores, torch.full_like(out.scores, out.scores[0, 0].item()))
     # score(start) == score(original): normalisation undefined → invalid, placeholder 0.
     assert not out.sic_valid.any() and not out.aic_valid.any()
@@ -366,7 +390,9 @@ def test_determinism_seed_and_executor(batch, result):
     assert (masks.sum(dim=(1, 2)) == int(SIZE * SIZE * 0.01)).all()
     assert not torch.equal(masks, random_pixel_masks(len(images), SIZE, SIZE, 0.01, seed=1))
     with ThreadPoolExecutor(max_workers=3) as executor:
-        again = pic_curves(model, images, maps, classes, mean=MEAN, std=STD, executor=executor)
+        again = pic_curves(
+            model, images, maps, classes, mean=MEAN, std=STD, executor=executor, ties="keep_all"
+        )
     for name, value in vars(result).items():
         assert torch.equal(value, getattr(again, name)), name
 
@@ -381,6 +407,7 @@ def test_batch_size_invariance():
     maps = torch.rand(4, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     classes = torch.tensor([0, 1, 2, 0])
     kwargs = {"mean": MEAN, "std": STD, "thresholds": (0.05, 0.2), "min_confidence": 0.0}
+    kwargs["indices"] = _indices(images)
     one = pic_curves(model, images, maps, classes, batch_size=1, **kwargs)
     many = pic_curves(model, images, maps, classes, batch_size=64, **kwargs)
     for name in ("information", "correct", "normalised_information", "sic_valid", "aic_valid"):
@@ -392,7 +419,9 @@ def test_batch_size_invariance():
 
 def test_not_monotone_keeps_raw_points(batch, result):
     _, images, maps, model, classes = batch
-    raw = pic_curves(model, images, maps, classes, mean=MEAN, std=STD, monotone=False)
+    raw = pic_curves(
+        model, images, maps, classes, mean=MEAN, std=STD, monotone=False, ties="keep_all"
+    )
     assert torch.equal(raw.sic_points.cummax(dim=1).values, result.sic_points)
     assert (raw.sic_points <= result.sic_points).all()
 
@@ -414,17 +443,21 @@ def test_aggregate_mean_and_several_batches(result):
         ({"mean": (0.5, 0.5)}, "one value per image channel"),
         ({"batch_size": 0}, "batch_size"),
         ({"random_masks": torch.zeros(2, 4, 4, dtype=torch.bool)}, "random_masks"),
+        ({"indices": None}, "indices"),
+        ({"indices": torch.arange(2)}, "indices"),
+        ({"ties": "first"}, "ties"),
     ],
 )
 def test_errors(batch, kwargs, message):
     _, images, maps, model, classes = batch
-    arguments = {"mean": MEAN, "std": STD, **kwargs}
+    arguments = {"mean": MEAN, "std": STD, "indices": _indices(images), **kwargs}
     with pytest.raises(ValueError, match=message):
         pic_curves(model, images, maps, classes, **arguments)
 
 
 def test_shape_errors(batch):
     _, images, maps, model, classes = batch
+    pic_curves = functools.partial(_pic_curves, indices=_indices(images))
     with pytest.raises(ValueError, match="upsample"):
         pic_curves(model, images, maps[:, :16], classes, mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="classes"):
@@ -433,3 +466,40 @@ def test_shape_errors(batch):
         pic_curves(model, images, maps * float("nan"), classes, mean=MEAN, std=STD)
     with pytest.raises(ValueError, match="results is empty"):
         aggregate_pic([])
+
+
+def test_keep_masks_break_ties_at_the_quantile_at_random_keeping_the_reference_count():
+    generator = torch.Generator().manual_seed(4)
+    thresholds = DEFAULT_THRESHOLDS
+    index = torch.arange(3) + 20
+    # Distinct values: both rules are the reference's ``saliency >= np.quantile(...)``.
+    distinct = torch.rand(3, SIZE, SIZE, generator=generator, dtype=torch.float64)
+    for maps in (distinct, distinct.float()):
+        random = saliency_keep_masks(maps, thresholds, index)
+        assert torch.equal(random, saliency_keep_masks(maps, thresholds, ties="keep_all"))
+        for t, keep in zip(thresholds, random, strict=True):
+            for i in range(3):
+                values = maps[i].double().numpy()
+                reference = values >= np.quantile(values, 1 - t)
+                assert np.array_equal(keep[i].numpy(), reference)
+    # A sparse map, zero on 90 % of the pixels: the reference keeps every zero once the
+    # quantile is 0 (t ≥ 0.1 here: the whole image); the default keeps as many pixels as the
+    # reference keeps when the zeros are made distinct, all positives plus a random share of
+    # the zeros keyed by the index.
+    sparse = torch.where(distinct < 0.9, 0.0, distinct)
+    keep_all = saliency_keep_masks(sparse, thresholds, ties="keep_all")
+    random = saliency_keep_masks(sparse, thresholds, index)
+    perturbed = torch.where(sparse == 0, -1e-9 * distinct, sparse)  # zeros → distinct negatives
+    for t, everything, keep in zip(thresholds, keep_all, random, strict=True):
+        for i in range(3):
+            values = perturbed[i].numpy()
+            count = int((values >= np.quantile(values, 1 - t)).sum())
+            assert int(keep[i].sum()) == count, t
+            assert keep[i][sparse[i] > 0].all() or count <= int((sparse[i] > 0).sum())
+        if t >= 0.21:
+            assert everything.all() and not keep.all()
+    assert not torch.equal(random[-1, 0], random[-1, 1])  # different indices, different draws
+    alone = saliency_keep_masks(sparse[1:2], thresholds, index[1:2])
+    assert torch.equal(alone[:, 0], random[:, 1])  # the draw follows the index, not the batch
+    with pytest.raises(ValueError, match="indices"):
+        saliency_keep_masks(sparse, thresholds)

@@ -52,13 +52,17 @@ def test_pointing_game_matches_quantus():
     )
     np.testing.assert_array_equal(ours, theirs)
     assert 0 < ours.sum() < len(ours)  # both hits and misses are exercised
-    # Without ties the default ("first") agrees too; with a constant map only "any" hits.
+    # Without ties the other rules agree too; with a constant map they differ by design:
+    # Quantus ("any") hits, the default ("expected") scores the mask's area share, "first"
+    # (torch.argmax) points at pixel (0, 0), outside.
     np.testing.assert_array_equal(pointing_game(maps, masks).numpy(), theirs)
+    np.testing.assert_array_equal(pointing_game(maps, masks, ties="first").numpy(), theirs)
     constant = torch.ones_like(maps[:1])
     inner = torch.zeros_like(masks[:1])
     inner[0, 5:8, 5:8] = True
     assert pointing_game(constant, inner, ties="any").item() == 1.0
-    assert pointing_game(constant, inner).item() == 0.0  # first maximal pixel (0, 0) is outside
+    assert pointing_game(constant, inner).item() == pytest.approx(9 / inner.numel())
+    assert pointing_game(constant, inner, ties="first").item() == 0.0
 
 
 def test_energy_pointing_game_matches_quantus_attribution_localisation():
@@ -79,6 +83,21 @@ def test_top_k_intersection_matches_quantus(k: int):
     theirs = _run(metric, maps, masks)
     ours = top_k_intersection(maps, masks, k).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+
+
+def test_top_k_intersection_ties_count_by_expectation_not_quantus_argsort_order():
+    # Quantus ranks with np.argsort(-a), which puts tied pixels in index (raster) order: on a
+    # map flat beyond its top pixels, its top k are padded with the first rows. We count the
+    # tied pixels by their expected share (DESIGN.md "Ties"), so the two differ exactly there.
+    maps = torch.zeros(1, 10, 10, dtype=torch.float64)
+    maps[0, 9, 9] = 1.0  # one positive pixel, k = 10
+    top_rows = torch.zeros(1, 10, 10, dtype=torch.bool)
+    top_rows[0, :2] = True  # 20 % of the image, where argsort puts the padding
+    metric = quantus.TopKIntersection(k=10, abs=False, normalise=False, disable_warnings=True)
+    assert _run(metric, maps, top_rows)[0] == pytest.approx(0.9)  # 9 padded pixels inside
+    # Ours: 9 of the 99 tied pixels are drawn, 20 of which lie inside → 9 · 20/99 / 10.
+    expected = 9 * 20 / 99 / 10
+    assert top_k_intersection(maps, top_rows, 10).item() == pytest.approx(expected, abs=1e-12)
 
 
 def test_empty_masks_are_zero_where_quantus_is_undefined():

@@ -152,7 +152,7 @@ def test_compare_methods_inner_join_and_parity():
     # "finer" misses samples 0..4 and has an extra sample 99: only the shared 25 must pair.
     rows += [("finer", i, v) for i, v in enumerate(b) if i >= 5] + [("finer", 99, 5.0)]
     frame = pd.DataFrame(rows, columns=["method", "index", "value"]).sample(frac=1, random_state=0)
-    out = compare_methods(frame, "case", alternative="greater", threshold=0.7)
+    out = compare_methods(frame, "case", alternative="method_greater", threshold=0.7)
     assert sorted(out["method"]) == ["finer", "grad_cam"]
     out = out.set_index("method")
     assert out.loc["grad_cam", "n"] == 30 and out.loc["finer", "n"] == 25
@@ -170,6 +170,54 @@ def test_compare_methods_inner_join_and_parity():
     np.testing.assert_allclose(out["t_p_holm"], holm(ps))
     np.testing.assert_allclose(out["t_p_bh"], stats.false_discovery_control(ps))
     assert "case" not in out.index
+    assert out.loc["finer", "hypothesis"] == (
+        "H1: mean(finer − case) > 0 (finer's mean is higher than case's; one-sided)"
+    )
+
+
+def _fabricated_drops(case_higher: bool) -> pd.DataFrame:
+    """Per-sample confidence drops of CASE and two baselines on 40 samples; CASE's are clearly
+    larger (or clearly smaller) than each baseline's."""
+    rng = np.random.default_rng(7)
+    baseline = rng.uniform(0.1, 0.5, 40)
+    case = baseline + (1 if case_higher else -1) * rng.uniform(0.05, 0.15, 40)
+    noise = rng.normal(0.0, 0.01, 40)
+    return pd.DataFrame(
+        [("case", i, v) for i, v in enumerate(case)]
+        + [("grad_cam", i, v) for i, v in enumerate(baseline)]
+        + [("layer_cam", i, v) for i, v in enumerate(baseline + noise)],
+        columns=["method", "index", "value"],
+    )
+
+
+def test_case_eq9_direction_is_method_less_with_case_as_reference():
+    # CASE Eq. 9: H1: Mean(D_CASE) > Mean(D_baseline), CASE the reference method of stats.csv.
+    paper = compare_methods(_fabricated_drops(case_higher=True), "case", alternative="method_less")
+    assert (paper["t_p_value"] < 1e-6).all()  # the paper's one-sided test rejects H0
+    assert paper["hypothesis"].str.startswith("H1: mean(").all()
+    assert (
+        "grad_cam's mean confidence_drop is lower than case's"
+        in compare_methods(
+            _fabricated_drops(True), "case", alternative="method_less", metric="confidence_drop"
+        )
+        .set_index("method")
+        .loc["grad_cam", "hypothesis"]
+    )
+    # The other direction does not reject when CASE's drops are the larger ones ...
+    wrong_side = compare_methods(_fabricated_drops(True), "case", alternative="method_greater")
+    assert (wrong_side["t_p_value"] > 0.999).all()
+    # ... and the paper's test does not reject when CASE's drops are the smaller ones.
+    reversed_ = compare_methods(_fabricated_drops(False), "case", alternative="method_less")
+    assert (reversed_["t_p_value"] > 0.999).all()
+    two_sided = compare_methods(_fabricated_drops(False), "case", alternative="two_sided")
+    assert (two_sided["t_p_value"] < 1e-6).all()
+
+
+@pytest.mark.parametrize("old", ["greater", "less", "two-sided", "bigger"])
+def test_old_or_unknown_alternatives_fail_naming_the_new_ones(old):
+    frame = _fabricated_drops(True)
+    with pytest.raises(ValueError, match="two_sided, method_greater, method_less"):
+        compare_methods(frame, "case", alternative=old)
 
 
 def test_compare_methods_errors_name_the_problem():

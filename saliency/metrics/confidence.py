@@ -4,7 +4,8 @@ relative drop (Finer-CAM Eq. 10) and Average Drop / Increase in Confidence / Ave
 
 Each ``update`` takes the model (never kept), images in the model's input (normalised) space
 ``[B, C, H, W]``, maps ``[B, H, W]`` at the image resolution, the explained ``classes`` ``[B]``
-and the sample ``index`` ``[B]``; original and perturbed images go through the model in
+and the sample ``index`` ``[B]`` (it also keys the random tie-breaking of the top-pixel masks,
+:mod:`saliency.metrics.functional.ties`); original and perturbed images go through the model in
 forward batches of ``batch_size`` under ``torch.no_grad()``, in the model's current mode (put
 it in ``eval()`` for evaluation). Selecting samples (CASE: correctly classified images only)
 is the caller's: pass the subset.
@@ -66,7 +67,7 @@ class ConfidenceDrop(_TopPixelMasking):
     ) -> None:
         """Confidence drop of ``classes`` for the samples ``index``."""
         drop = confidence_drop(
-            model, images, maps, classes, self.fraction, self.fill, self.batch_size
+            model, images, maps, classes, self.fraction, self.fill, self.batch_size, indices=index
         )
         self._add(index, confidence_drop=drop)
 
@@ -102,6 +103,7 @@ class RelativeDrop(_TopPixelMasking):
             self.fraction,
             self.fill,
             self.batch_size,
+            indices=index,
         )
         self._add(index, relative_drop=drop)
 

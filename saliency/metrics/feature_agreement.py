@@ -14,7 +14,9 @@ from saliency.stats import wilcoxon_below
 
 class FeatureAgreement(SampleMetric):
     """Per-sample ``|topk(E) ∩ topk(E′)| / k`` (CASE Eq. 7) of the maps of two classes, usually
-    the top-1 and top-2 predictions; lower = more class-sensitive.
+    the top-1 and top-2 predictions; lower = more class-sensitive. Ties count by their expected
+    overlap under uniform tie-breaking (:mod:`saliency.metrics.functional.ties`), so two maps
+    with fewer than ``k`` positive pixels agree by chance only.
 
     Args:
         fraction: ``k`` as a share of the pixels (CASE: 5 %).

@@ -46,7 +46,8 @@ def _check_region_options(blur_kernel: int, threshold: float) -> None:
 
 class PointingGame(SampleMetric):
     """Per-sample hit (1/0): the map's maximum lies inside the mask (Zhang et al. 2018; CAAP
-    Sec. 4 "PG"). The paper's score is the hit rate, the column's mean.
+    Sec. 4 "PG"); tied maxima score the expected hit, the share of them inside the mask. The
+    paper's score is the hit rate, the column's mean.
 
     ``update(maps, masks, index)``. Column: ``pointing_game``.
     """
@@ -76,7 +77,8 @@ class EnergyPointingGame(SampleMetric):
 
 class TopKIntersection(SampleMetric):
     """Per-sample share of the ``k`` highest-valued pixels inside the mask (Theiner et al.
-    2021; Quantus ``TopKIntersection``), ties by pixel position.
+    2021; Quantus ``TopKIntersection``); ties at the ``k``-th value count by their expected
+    share (:mod:`saliency.metrics.functional.ties`).
 
     ``update(maps, masks, index)``. Column: ``top_k_intersection``.
     """

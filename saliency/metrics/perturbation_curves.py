@@ -3,7 +3,8 @@ Sec. 4.1; Ins − Del as in CAAP).
 
 Each ``update`` takes the model (never kept), images in the model's input (normalised) space
 ``[B, C, H, W]``, maps ``[B, H, W]``, the explained ``classes`` ``[B]`` and the sample
-``index`` ``[B]``. Pixels are ranked by saliency, ``pixels_per_step`` at a time (default: the
+``index`` ``[B]``. Pixels are ranked by saliency (ties in a random order keyed by ``index``,
+:mod:`saliency.metrics.functional.ties`), ``pixels_per_step`` at a time (default: the
 image width, RISE's 224 per step at 224²); the score is the softmax of the class; AUC is the
 normalised trapezoid in [0, 1]. Perturbed images go through the model in forward batches of
 at most ``batch_size`` under ``torch.no_grad()``, in the model's current mode. Only the AUCs
@@ -84,6 +85,7 @@ class DeletionAUC(SampleMetric):
             maps,
             classes,
             batch_size=self.batch_size,
+            indices=index,
             pixels_per_step=self.pixels_per_step,
             fill=self.fill,
         )
@@ -136,6 +138,7 @@ class InsertionAUC(SampleMetric):
             maps,
             classes,
             batch_size=self.batch_size,
+            indices=index,
             pixels_per_step=self.pixels_per_step,
             blur_kernel=self.blur_kernel,
             blur_sigma=self.blur_sigma,
@@ -189,6 +192,7 @@ class DeletionInsertion(SampleMetric):
             maps,
             classes,
             batch_size=self.batch_size,
+            indices=index,
             pixels_per_step=self.pixels_per_step,
             fill=self.fill,
         )
@@ -198,6 +202,7 @@ class DeletionInsertion(SampleMetric):
             maps,
             classes,
             batch_size=self.batch_size,
+            indices=index,
             pixels_per_step=self.pixels_per_step,
             blur_kernel=self.blur_kernel,
             blur_sigma=self.blur_sigma,

@@ -8,7 +8,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from saliency.metrics.functional.pic import DEFAULT_THRESHOLDS, pic_curves, random_pixel_masks
+from saliency.metrics.functional.pic import (
+    DEFAULT_THRESHOLDS,
+    TIES,
+    pic_curves,
+    random_pixel_masks,
+)
 from saliency.metrics.per_sample import SampleMetric, check_batch_size, summary_statistics
 
 
@@ -19,7 +24,8 @@ class PerformanceInformationCurves(SampleMetric):
     ``update(model, images, maps, classes, index)`` runs
     :func:`~saliency.metrics.functional.pic.pic_curves` (``mean``/``std`` of the datamodule,
     forward batches of ``batch_size``; the random 1 % start mask is seeded per sample by
-    ``seed + index``, so it does not depend on how samples are batched or sharded).
+    ``seed + index``, so it does not depend on how samples are batched or sharded; ``index``
+    also keys the random tie-breaking at the quantiles; ``ties`` as in ``pic_curves``).
     ``compute()`` gives summary statistics of the per-image AUCs over the VALID images only
     (``sic_auc/*``, ``aic_auc/*``, and ``…/count`` = images kept). The paper's aggregate, the
     AUC of the median curve, needs whole curves: use
@@ -38,6 +44,7 @@ class PerformanceInformationCurves(SampleMetric):
         min_confidence: float = 0.8,
         batch_size: int = 64,
         seed: int = 0,
+        ties: str = "random",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -46,6 +53,9 @@ class PerformanceInformationCurves(SampleMetric):
         self.min_confidence = min_confidence
         self.batch_size = check_batch_size(batch_size)
         self.seed = seed
+        if ties not in TIES:
+            raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+        self.ties = ties
 
     def update(
         self,
@@ -73,6 +83,8 @@ class PerformanceInformationCurves(SampleMetric):
             random_masks=random_masks,
             min_confidence=self.min_confidence,
             batch_size=self.batch_size,
+            indices=index,
+            ties=self.ties,
         )
         self._add(
             index,

@@ -5,6 +5,10 @@ in the model's input (normalised) space, ``maps`` ``[B, H, W]`` (or ``[B, 1, H, 
 image resolution and ``classes`` ``[B]``. Original and perturbed images go through the model
 together in forward batches of ``batch_size`` under ``torch.no_grad()``. Per-sample values are
 returned as fractions; papers report their mean ×100 (AD, IC, AG), which is left to the caller.
+
+The hard-masking metrics (confidence drop, relative drop) take the samples' dataset
+``indices`` ``[B]`` (keyword-only): ties among the top pixels are broken uniformly at random,
+keyed by the index (:mod:`saliency.metrics.functional.ties`), never by pixel position.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saliency.metrics.functional.feature_agreement import top_fraction_count, top_pixel_indices
+from saliency.metrics.functional.feature_agreement import top_fraction_count
+from saliency.metrics.functional.ties import top_k_positions
 
 
 def _flat_maps(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
@@ -46,18 +51,27 @@ def softmax_scores(model: nn.Module, images: torch.Tensor, batch_size: int = 256
 
 
 def mask_top_pixels(
-    images: torch.Tensor, maps: torch.Tensor, fraction: float, fill: float = 0.0
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    fraction: float,
+    fill: float = 0.0,
+    *,
+    indices: torch.Tensor,
 ) -> torch.Tensor:
     """Images with the ``k = round(fraction · H·W)`` most salient pixels (all channels) set to
-    ``fill`` (0 = the dataset mean in normalised space). Ranking as
-    :func:`~saliency.metrics.functional.feature_agreement.top_pixel_indices`: descending, ties
-    by pixel position."""
+    ``fill`` (0 = the dataset mean in normalised space).
+
+    Pixels rank by value, descending (NaN last); ties at the ``k``-th value are broken
+    uniformly at random, keyed by the samples' dataset ``indices`` ``[B]``
+    (:func:`~saliency.metrics.functional.ties.top_k_positions`), so a map with fewer than ``k``
+    positive pixels masks a random spread of its zero pixels, the same on every process and in
+    every batch, and never a raster block."""
     flat = _flat_maps(images, maps)
     b, _, h, w = images.shape
     k = top_fraction_count(h * w, fraction)
-    removed = torch.zeros(b, h * w, dtype=torch.bool, device=images.device)
-    removed.scatter_(1, top_pixel_indices(flat, k).to(images.device), True)
-    return images.masked_fill(removed.view(b, 1, h, w), fill)
+    removed = torch.zeros(b, h * w, dtype=torch.bool, device=flat.device)
+    removed.scatter_(1, top_k_positions(flat, indices.to(flat.device), k), True)
+    return images.masked_fill(removed.to(images.device).view(b, 1, h, w), fill)
 
 
 @torch.no_grad()
@@ -69,6 +83,8 @@ def masked_confidences(
     fraction: float = 0.05,
     fill: float = 0.0,
     batch_size: int = 256,
+    *,
+    indices: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax scores before and after :func:`mask_top_pixels`, from one (chunked) forward.
 
@@ -76,7 +92,9 @@ def masked_confidences(
     and ``after`` have the shape of ``classes`` and ``probs`` is the original images' full
     ``[B, num_classes]`` softmax.
     """
-    original, perturbed = _masked_probabilities(model, images, maps, fraction, fill, batch_size)
+    original, perturbed = _masked_probabilities(
+        model, images, maps, fraction, fill, batch_size, indices
+    )
     index = classes.long().to(original.device).view(images.shape[0], -1)
     before = original.gather(1, index).view_as(classes)
     after = perturbed.gather(1, index).view_as(classes)
@@ -90,9 +108,10 @@ def _masked_probabilities(
     fraction: float,
     fill: float,
     batch_size: int,
+    indices: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full softmax of the original and of the top-pixel-masked images, ``[B, N]`` each."""
-    masked = mask_top_pixels(images, maps, fraction, fill)
+    masked = mask_top_pixels(images, maps, fraction, fill, indices=indices)
     probs = softmax_scores(model, torch.cat([images, masked]), batch_size)
     return probs[: images.shape[0]], probs[images.shape[0] :]
 
@@ -105,16 +124,21 @@ def confidence_drop(
     fraction: float = 0.05,
     fill: float = 0.0,
     batch_size: int = 256,
+    *,
+    indices: torch.Tensor,
 ) -> torch.Tensor:
     """Confidence drop ``p_c(x) − p_c(x̃)`` per sample, ``[B]`` (CASE RQ2, Sec. IV-C).
 
     ``x̃`` is ``x`` with the top ``fraction`` of pixels by saliency (5 %, as the feature
-    agreement's k) set to ``fill`` = 0 in normalised space; ``p_c`` is the softmax score of
-    ``classes`` (CASE: the predicted class, correctly classified images only; filtering is the
-    caller's). Larger = more faithful.
+    agreement's k) set to ``fill`` = 0 in normalised space (:func:`mask_top_pixels`, ties
+    keyed by the samples' dataset ``indices``); ``p_c`` is the softmax score of ``classes``
+    (CASE: the predicted class, correctly classified images only; filtering is the caller's).
+    Larger = more faithful.
     """
     classes = _check_classes(classes, images.shape[0])
-    before, after, _ = masked_confidences(model, images, maps, classes, fraction, fill, batch_size)
+    before, after, _ = masked_confidences(
+        model, images, maps, classes, fraction, fill, batch_size, indices=indices
+    )
     return before - after
 
 
@@ -127,17 +151,22 @@ def relative_drop(
     fraction: float = 0.05,
     fill: float = 0.0,
     batch_size: int = 256,
+    *,
+    indices: torch.Tensor,
 ) -> torch.Tensor:
     """Relative confidence drop ``RD = (p_c − p*_c) − (p_d − p*_d)``, ``[B]`` (Finer-CAM Eq. 10).
 
     ``p`` are softmax scores before and ``p*`` after masking the top ``fraction`` of pixels
-    (Finer-CAM reports 5 % and 10 %) with ``fill``. ``d`` is ``reference_classes`` (the most
+    (Finer-CAM reports 5 % and 10 %) with ``fill`` (:func:`mask_top_pixels`, ties keyed by the
+    samples' dataset ``indices``). ``d`` is ``reference_classes`` (the most
     similar class); when ``None``, the most probable class other than ``c`` on the original
     image. Larger = the map is more discriminative of ``c`` against ``d``.
     """
     b = images.shape[0]
     classes = _check_classes(classes, b)
-    original, perturbed = _masked_probabilities(model, images, maps, fraction, fill, batch_size)
+    original, perturbed = _masked_probabilities(
+        model, images, maps, fraction, fill, batch_size, indices
+    )
     classes = classes.to(original.device)
     if reference_classes is None:
         others = original.scatter(1, classes.view(-1, 1), -1.0)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
+from saliency.metrics.functional.ties import expected_top_k_inside, top_k_ties
+
 
 def _check_maps(maps: torch.Tensor, name: str = "maps") -> None:
     if maps.dim() != 3:
@@ -38,39 +40,49 @@ def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Te
     return torch.where(positive, numerator / denominator.where(positive, 1), 0.0)
 
 
-def pointing_game(maps: torch.Tensor, masks: torch.Tensor, ties: str = "first") -> torch.Tensor:
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor, ties: str = "expected") -> torch.Tensor:
     """Hit (1.0) when the map's maximum lies inside the mask, else 0.0 (CAAP Sec. 4, "PG";
     Zhang et al. 2018).
 
-    ``hit = mask[argmax E]``. Ties between maximal pixels: ``ties="first"`` takes the first in
-    row-major order (``torch.argmax`` semantics), so a constant map points at pixel (0, 0);
-    ``ties="any"`` counts a hit when any maximal pixel is inside (Quantus' ``PointingGame``), so
-    a constant map hits every non-empty mask. An empty mask gives 0 (Quantus: NaN).
+    ``hit = mask[argmax E]``. Ties between maximal pixels: ``ties="expected"`` (default, the
+    rule of :mod:`saliency.metrics.functional.ties`) scores the expected hit when the maximum
+    is drawn uniformly among them — the share of maximal pixels inside the mask, so a constant
+    map scores the mask's area share; ``ties="first"`` takes the first in row-major order
+    (``torch.argmax`` semantics), so a constant map points at pixel (0, 0); ``ties="any"``
+    counts a hit when any maximal pixel is inside (Quantus' ``PointingGame``), so a constant
+    map hits every non-empty mask. A map with a unique maximum scores the same under all
+    three. NaN pixels are never the maximum. An empty mask gives 0 (Quantus: NaN).
     """
     _check_masks(maps, masks)
     flat_maps, flat_masks = maps.flatten(1), masks.flatten(1)
+    if ties == "expected":
+        return expected_top_k_inside(top_k_ties(flat_maps, 1), flat_masks).to(maps.dtype)
     if ties == "first":
         index = flat_maps.argmax(dim=1, keepdim=True)
         return flat_masks.gather(1, index)[:, 0].to(maps.dtype)
     if ties == "any":
         maximal = flat_maps == flat_maps.max(dim=1, keepdim=True).values
         return (maximal & flat_masks).any(dim=1).to(maps.dtype)
-    raise ValueError(f"ties must be 'first' or 'any', got {ties!r}")
+    raise ValueError(f"ties must be 'expected', 'first' or 'any', got {ties!r}")
 
 
 def top_k_intersection(maps: torch.Tensor, masks: torch.Tensor, k: int) -> torch.Tensor:
     """Fraction of the ``k`` highest-valued pixels that lie inside the mask (Theiner et al.
     2021, "top-k intersection"; Quantus ``TopKIntersection``): ``|topk(E) ∩ R| / k``.
 
-    Ties are broken by pixel position (stable sort, row-major), so the value is deterministic;
-    an empty mask gives 0 (Quantus: NaN).
+    Ties at the ``k``-th value count by their expected share under uniform tie-breaking
+    (:mod:`saliency.metrics.functional.ties`): ``E|topk(E) ∩ R| / k``, deterministic, so a
+    constant map scores the mask's area share rather than that of the first ``k`` pixels in
+    raster order (Quantus' ``argsort`` order); NaN ranks lowest. An empty mask gives 0
+    (Quantus: NaN).
     """
     _check_masks(maps, masks)
     num_pixels = maps[0].numel()
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_pixels:
         raise ValueError(f"k must be an integer in [1, {num_pixels}] (pixels per map), got {k!r}")
-    order = torch.sort(maps.flatten(1), dim=1, descending=True, stable=True).indices[:, :k]
-    return masks.flatten(1).gather(1, order).sum(dim=1).to(maps.dtype) / k
+    inside = expected_top_k_inside(top_k_ties(maps.flatten(1), k), masks.flatten(1))
+    dtype = maps.dtype if maps.is_floating_point() else torch.get_default_dtype()
+    return (inside / k).to(dtype)
 
 
 def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

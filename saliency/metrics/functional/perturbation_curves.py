@@ -1,4 +1,9 @@
-"""Deletion and insertion curves and their AUC (Petsiuk et al., RISE, BMVC 2018, Sec. 4.1)."""
+"""Deletion and insertion curves and their AUC (Petsiuk et al., RISE, BMVC 2018, Sec. 4.1).
+
+Pixels move in saliency order; ties are broken uniformly at random, keyed by the samples'
+dataset ``indices`` ``[B]`` (keyword-only everywhere; :mod:`saliency.metrics.functional.ties`),
+so a flat region is deleted in a random spread, the same on every process and in every batch.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,14 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
+from saliency.metrics.functional.ties import pixel_ranks
 
-def saliency_ranks(maps: torch.Tensor) -> torch.Tensor:
-    """Rank of each pixel by saliency (0 = most salient), ``[B, H·W]``; ties by position."""
-    order = torch.sort(maps.flatten(1), dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    return ranks.scatter_(1, order, positions)
+
+def saliency_ranks(maps: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rank of each pixel by saliency (0 = most salient), ``[B, H·W]``; NaN last; ties in a
+    uniformly random order keyed by the samples' dataset ``indices`` ``[B]``
+    (:func:`~saliency.metrics.functional.ties.pixel_ranks`)."""
+    return pixel_ranks(maps, indices)
 
 
 @torch.no_grad()
@@ -24,8 +30,11 @@ def perturbation_curve(
     classes: torch.Tensor,
     pixels_per_step: int | None = None,
     batch_size: int = 256,
+    *,
+    indices: torch.Tensor,
 ) -> torch.Tensor:
-    """Softmax score of ``classes`` while pixels move from ``start`` to ``end`` in saliency order.
+    """Softmax score of ``classes`` while pixels move from ``start`` to ``end`` in saliency order
+    (:func:`saliency_ranks`, ties keyed by the samples' dataset ``indices``).
 
     Step ``s`` takes the ``s · pixels_per_step`` most salient pixels (all channels) from ``end``
     and the rest from ``start``. Returns ``[B, n + 1]`` for ``n = ceil(H·W / pixels_per_step)``
@@ -43,7 +52,8 @@ def perturbation_curve(
         )
     pixels_per_step = pixels_per_step or w  # RISE: 224 pixels per step at 224²
     num_steps = -(-h * w // pixels_per_step)
-    ranks = saliency_ranks(maps.reshape(b, h, w)).view(b, 1, h, w)
+    ranks = saliency_ranks(maps.reshape(b, h, w), indices.to(maps.device))
+    ranks = ranks.to(start.device).view(b, 1, h, w)
     classes = classes.reshape(b).to(start.device)
     scores = torch.empty((num_steps + 1) * b, device=start.device)
     # Pair p is (step p // B, sample p % B): consecutive pairs share a step.
@@ -73,11 +83,14 @@ def deletion_curve(
     pixels_per_step: int | None = None,
     fill: float = 0.0,
     batch_size: int = 256,
+    *,
+    indices: torch.Tensor,
 ) -> torch.Tensor:
     """Deletion: most salient pixels first replaced by ``fill`` (0 = the mean colour in
     normalised space, PROTOCOLS.md). Lower AUC = more faithful map."""
+    blank = torch.full_like(images, fill)
     return perturbation_curve(
-        model, images, torch.full_like(images, fill), maps, classes, pixels_per_step, batch_size
+        model, images, blank, maps, classes, pixels_per_step, batch_size, indices=indices
     )
 
 
@@ -90,11 +103,15 @@ def insertion_curve(
     blur_kernel: int = 11,
     blur_sigma: float = 5.0,
     batch_size: int = 256,
+    *,
+    indices: torch.Tensor,
 ) -> torch.Tensor:
     """Insertion: most salient pixels first copied from the image into its Gaussian-blurred
     version (kernel 11, σ 5). Higher AUC = more faithful map."""
     blurred = gaussian_blur(images, [blur_kernel, blur_kernel], [blur_sigma, blur_sigma])
-    return perturbation_curve(model, blurred, images, maps, classes, pixels_per_step, batch_size)
+    return perturbation_curve(
+        model, blurred, images, maps, classes, pixels_per_step, batch_size, indices=indices
+    )
 
 
 def deletion_auc(
@@ -105,10 +122,14 @@ def deletion_auc(
     pixels_per_step: int | None = None,
     fill: float = 0.0,
     batch_size: int = 256,
+    *,
+    indices: torch.Tensor,
 ) -> torch.Tensor:
     """AUC of :func:`deletion_curve`, ``[B]``."""
     pixels_per_step = pixels_per_step or images.shape[-1]
-    curve = deletion_curve(model, images, maps, classes, pixels_per_step, fill, batch_size)
+    curve = deletion_curve(
+        model, images, maps, classes, pixels_per_step, fill, batch_size, indices=indices
+    )
     return curve_auc(curve, images.shape[-2] * images.shape[-1], pixels_per_step)
 
 
@@ -121,10 +142,13 @@ def insertion_auc(
     blur_kernel: int = 11,
     blur_sigma: float = 5.0,
     batch_size: int = 256,
+    *,
+    indices: torch.Tensor,
 ) -> torch.Tensor:
     """AUC of :func:`insertion_curve`, ``[B]``."""
     pixels_per_step = pixels_per_step or images.shape[-1]
     curve = insertion_curve(
-        model, images, maps, classes, pixels_per_step, blur_kernel, blur_sigma, batch_size
-    )
+        model, images, maps, classes, pixels_per_step, blur_kernel, blur_sigma, batch_size,
+        indices=indices,
+    )  # fmt: skip
     return curve_auc(curve, images.shape[-2] * images.shape[-1], pixels_per_step)

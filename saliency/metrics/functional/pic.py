@@ -25,8 +25,14 @@ decides.
    it with per-channel ``griddata`` bit for bit).
 5. **Thresholds** ``t`` (default ``[0.005, .01, .02, .03, .04, .05, .07, .10, .13, .21, .34,
    .5, .75]``, strictly increasing): pixels with ``saliency >= quantile(saliency, 1 − t)``
-   (``numpy.quantile``'s default linear interpolation, in float64; ties at the quantile are all
-   kept) OR the random mask are kept, the rest interpolated as in 4.
+   (``numpy.quantile``'s default linear interpolation, in float64) OR the random mask are
+   kept, the rest interpolated as in 4. Ties at the quantile (a sparse map's zeros): the
+   reference keeps them all, so a map that is 0 on 90 % of the image reveals the whole image
+   at every ``t`` whose quantile is 0 (``ties="keep_all"``). By default (``ties="random"``,
+   DESIGN.md "Ties", :mod:`saliency.metrics.functional.ties`) exactly as many pixels are kept
+   as the reference keeps on a map without ties — those above the quantile plus a uniformly
+   random subset of the tied ones, keyed by the sample ``indices`` — which is the reference's
+   result on every map whose values at the quantile are distinct.
 6. **Scores**: SIC uses the softmax probability of the explained class, AIC uses accuracy
    (1 if the argmax equals the explained class, else 0).
 7. **Skipping** (separately for SIC and AIC, as the reference calls ``compute_pic_metric``
@@ -77,6 +83,10 @@ from PIL import Image
 from scipy.interpolate import griddata
 from scipy.spatial import Delaunay
 from torch import nn
+
+from saliency.metrics.functional.ties import pixel_ranks
+
+TIES = ("random", "keep_all")
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (
     0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.21, 0.34, 0.5, 0.75,
@@ -169,17 +179,38 @@ def random_pixel_masks(
     return masks.view(batch, height, width).to(device)
 
 
-def saliency_keep_masks(maps: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+def saliency_keep_masks(
+    maps: torch.Tensor,
+    thresholds: Sequence[float],
+    indices: torch.Tensor | None = None,
+    ties: str = "random",
+) -> torch.Tensor:
     """``[T, B, H, W]`` masks of the pixels with ``map >= quantile(map, 1 − t)`` per threshold.
 
     The quantile is ``numpy.quantile``'s default (linear) on the float64 map: virtual index
     ``h = (n − 1)(1 − t)``, ``a, b`` the sorted values at ``floor(h)`` and ``floor(h) + 1``,
     ``γ = h − floor(h)``, value ``a + (b − a)γ`` if ``γ < 0.5`` else ``b − (b − a)(1 − γ)``.
+
+    ``ties="keep_all"`` keeps every pixel ``>=`` the value (the reference). ``ties="random"``
+    keeps the ``n − c`` most salient pixels in :func:`~saliency.metrics.functional.ties.
+    pixel_ranks` order (ties keyed by ``indices`` ``[B]``), where ``c`` is the first sorted
+    position the reference keeps when the values are distinct — ``floor(h)`` when the value
+    is ``a`` (``γ = 0``, or rounded to ``a``), else ``floor(h) + 1`` — so both agree wherever
+    the values around the quantile are distinct.
     """
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     b, h, w = maps.shape
     flat = maps.reshape(b, h * w).double()
     ordered = torch.sort(flat, dim=1).values
     n = h * w
+    if ties == "random":
+        if indices is None:
+            raise ValueError(
+                "ties='random' breaks ties at the quantile by the samples' dataset index: pass "
+                "indices ([B]), or ties='keep_all' for the reference's rule"
+            )
+        ranks = pixel_ranks(flat, indices.to(flat.device))
     masks = []
     for t in thresholds:
         virtual = (n - 1) * (1.0 - float(t))
@@ -189,7 +220,14 @@ def saliency_keep_masks(maps: torch.Tensor, thresholds: Sequence[float]) -> torc
         low, high = ordered[:, lower], ordered[:, upper]
         diff = high - low
         value = low + diff * gamma if gamma < 0.5 else high - diff * (1.0 - gamma)
-        masks.append((flat >= value.unsqueeze(1)).view(b, h, w))
+        if ties == "keep_all":
+            masks.append((flat >= value.unsqueeze(1)).view(b, h, w))
+            continue
+        at_lower = (
+            (value <= low) & (low < high) if gamma > 0 else torch.ones_like(low, dtype=torch.bool)
+        )
+        kept = n - torch.where(at_lower, lower, upper)
+        masks.append((ranks < kept.unsqueeze(1)).view(b, h, w))
     return torch.stack(masks)
 
 
@@ -417,6 +455,8 @@ def pic_curves(
     batch_size: int = 64,
     seed: int = 0,
     executor: Executor | None = None,
+    indices: torch.Tensor | None = None,
+    ties: str = "random",
 ) -> PICResult:
     """Per-image Softmax and Accuracy Information Curves (SIC, AIC); protocol in the module
     docstring.
@@ -444,6 +484,10 @@ def pic_curves(
             default: serially in this process. Pillow's WebP encoder holds the GIL, so a
             ``ThreadPoolExecutor`` gains little; a ``ProcessPoolExecutor`` created once and
             reused across batches parallelises it. Results do not depend on it.
+        indices: ``[B]`` dataset indices of the samples; they key the random tie-breaking at
+            the quantiles (needed with ``ties="random"``).
+        ties: ``"random"`` (default) or ``"keep_all"`` (the reference), see step 5 of the
+            module docstring and :func:`saliency_keep_masks`.
     """
     maps, classes = _check_inputs(images, saliency_maps, classes)
     values = _check_thresholds(thresholds)
@@ -451,7 +495,15 @@ def pic_curves(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if num_points < 1:
         raise ValueError(f"num_points must be at least 1, got {num_points}")
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
     b, _, h, w = images.shape
+    if ties == "random" and (indices is None or indices.shape != (b,)):
+        raise ValueError(
+            f"ties='random' needs indices, the [{b}] dataset indices of the samples (they key "
+            f"the tie-breaking at the quantiles), got "
+            f"{None if indices is None else tuple(indices.shape)}; or pass ties='keep_all'"
+        )
     device = images.device
     if random_masks is None:
         random_masks = random_pixel_masks(b, h, w, random_fraction, seed)
@@ -463,7 +515,10 @@ def pic_curves(
 
     # The keep masks are built (batched) on the CPU, where the interpolation needs them.
     pixels = to_uint8_pixels(images.detach(), mean, std)  # [B, H, W, C]
-    keeps = saliency_keep_masks(maps.detach().cpu(), values) | random_masks.unsqueeze(0)
+    if indices is not None:
+        indices = indices.detach().cpu()
+    keeps = saliency_keep_masks(maps.detach().cpu(), values, indices, ties)
+    keeps = keeps | random_masks.unsqueeze(0)
     keeps = torch.cat([random_masks.unsqueeze(0), keeps]).transpose(0, 1)  # [B, T + 1, H, W]
 
     # CPU exception: Delaunay interpolation and WebP encoding, one image at a time.
