@@ -46,7 +46,7 @@ from callbacks.target_policies import (
     parse_policies,
 )
 from saliency.errors import ConfigurationError
-from saliency.layers import resolve_layer
+from saliency.layers import layer_path
 from saliency.metrics.per_sample import PerSampleValues
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,10 @@ class SaliencyEvaluationCallback(L.Callback):
 
     Args:
         methods: names or ``{name, label, kwargs}`` (:mod:`callbacks.evaluation_spec`).
-        layers: dotted layer paths; ``null`` = each network's default layer. Methods that
-            explain the input (gradients, RISE) run once, under layer ``input``.
+        layers: dotted layer paths; ``null`` = each network's default layer;
+            ``protocol:case`` = the layer CASE explains on this architecture
+            (:func:`saliency.layers.case_layer`). Methods that explain the input (gradients,
+            RISE) run once, under layer ``input``.
         targets: target policies (:mod:`callbacks.target_policies`).
         metrics: names or ``{name, label, kwargs}`` (:data:`callbacks.evaluation_metrics.METRICS`);
             each runs on the policies of its kind (pair metrics on ``top1_vs_top2``, ...).
@@ -215,9 +217,10 @@ class SaliencyEvaluationCallback(L.Callback):
         from saliency.methods import create_method
 
         combinations: list[_Combination] = []
-        for layer in self.layers:
-            if layer is not None:
-                resolve_layer(network, layer)  # lists the nearest valid names
+        for configured in self.layers:
+            # None: each method's default; protocol:<name>: that protocol's layer for this
+            # network; a path is checked here, listing the nearest valid names
+            layer = layer_path(network, configured)
             for spec in self.method_specs:
                 kwargs = resolve_selectors(dict(spec.kwargs), matrix)
                 method = create_method(spec.name, network, layer=layer, **kwargs)

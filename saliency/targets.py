@@ -88,10 +88,12 @@ class ConfusionContrast:
     ``matrix``: ``[N, N]`` counts (rows = true class) as array/tensor, or the path of the
     ``.npy``/``.csv`` that ``train.py`` writes. As the reference code, rows are normalised per
     true class and the diagonal is zeroed; ties are broken by the lower class index. Logits are
-    ignored. CASE's paper uses k = 3–5, its evaluation scripts k = 1.
+    ignored. ``k = 3`` (default): the paper, "small values (e.g. k = 3) suffice" (Sec. VIII);
+    the authors' code uses k = 5 in its CASE class and k = 1 in its evaluation scripts
+    (``docs/deviations.md``).
     """
 
-    def __init__(self, matrix: np.ndarray | torch.Tensor | str | Path, k: int = 5) -> None:
+    def __init__(self, matrix: np.ndarray | torch.Tensor | str | Path, k: int = 3) -> None:
         if isinstance(matrix, (str, Path)):
             matrix = load_confusion_matrix(matrix)
         matrix = torch.as_tensor(np.asarray(matrix) if not torch.is_tensor(matrix) else matrix)
