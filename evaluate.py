@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None):
     import lightning as L
     import numpy as np
 
+    from callbacks.explained_model import data_normalisation
     from callbacks.saliency_evaluation import CONFUSION_FROM_VALIDATION, SaliencyEvaluationCallback
     from datamodules.test_subset import sample_test_split
     from lightning_modules.cli import CONFIG_DIR, ProjectCLI, alias_seed, finish_wandb
@@ -62,13 +63,14 @@ def main(argv: Sequence[str] | None = None):
     sample = cli.datamodule.test_dataloader().dataset[0]
     device_type = trainer.strategy.root_device.type
     matrix = cli.model.confusion_matrix_path
+    normalisation = data_normalisation(cli.datamodule)  # e.g. CAAP's white blank
     if evaluation.confusion_matrix == CONFUSION_FROM_VALIDATION:
         evaluation.confusion_matrix = None
         # check the whole config with a stand-in matrix before the validation pass
         stand_in = np.ones((cli.model.num_classes, cli.model.num_classes))
-        evaluation.prepare(cli.model.network, sample, stand_in, device_type)
+        evaluation.prepare(cli.model.network, sample, stand_in, device_type, normalisation)
         matrix = _validation_confusion_matrix(cli, trainer)
-    evaluation.prepare(cli.model.network, sample, matrix, device_type)
+    evaluation.prepare(cli.model.network, sample, matrix, device_type, normalisation)
     trainer.test(cli.model, datamodule=cli.datamodule)
     finish_wandb(trainer)
     if trainer.is_global_zero:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from callbacks.evaluation_spec import (
     resolve_selectors,
 )
 from callbacks.evaluation_tables import mean_curves, method_tests, summarise
-from callbacks.explained_model import first_test_indices
+from callbacks.explained_model import data_normalisation, first_test_indices
 from callbacks.run_outputs import StagedResults
 from callbacks.target_policies import (
     POLICIES,
@@ -147,6 +148,7 @@ class SaliencyEvaluationCallback(L.Callback):
         self.title = title
         self.output_dir = output_dir
         self.combinations: list[_Combination] | None = None
+        self._normalisation: tuple[Sequence[float], Sequence[float]] | None = None
         self.per_sample: pd.DataFrame | None = None
         self.summary: pd.DataFrame | None = None
         self.stats: pd.DataFrame | None = None
@@ -173,11 +175,13 @@ class SaliencyEvaluationCallback(L.Callback):
         sample: dict[str, Any],
         confusion_matrix: str | Path | np.ndarray | None = None,
         device_type: str = "cpu",
+        normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         """Check the config against the model and the data and build every method — before
         any computation. ``sample`` is one dataset item (its keys say what the data has);
         ``confusion_matrix`` is the training run's matrix (``evaluation.confusion_matrix``
-        wins)."""
+        wins); ``normalisation`` is the data's ``(mean, std)``, passed to every method with a
+        ``normalisation`` option that the config leaves unset (CAAP's white blank)."""
         if self.autocast and device_type != "cuda":
             raise ConfigurationError(
                 "evaluation.autocast needs a CUDA device (float16 autocast); the trainer runs on "
@@ -210,6 +214,7 @@ class SaliencyEvaluationCallback(L.Callback):
         if isinstance(matrix, (str, Path)) and not Path(matrix).is_file():
             raise ConfigurationError(f"confusion matrix not found: {matrix}")
         self._matrix = matrix
+        self._normalisation = normalisation
         self.combinations = self._build(network, matrix)
         self._sanity_order(network)  # a wrong layer name fails now, not after the evaluation
 
@@ -222,7 +227,7 @@ class SaliencyEvaluationCallback(L.Callback):
             # network; a path is checked here, listing the nearest valid names
             layer = layer_path(network, configured)
             for spec in self.method_specs:
-                kwargs = resolve_selectors(dict(spec.kwargs), matrix)
+                kwargs = self._method_kwargs(spec, matrix)
                 method = create_method(spec.name, network, layer=layer, **kwargs)
                 used = getattr(method, "layer", None)
                 label = used if isinstance(used, str) else INPUT_LAYER
@@ -230,6 +235,16 @@ class SaliencyEvaluationCallback(L.Callback):
                     continue  # a layer-free method runs once, not once per layer
                 combinations.append(_Combination(spec, label, method))
         return combinations
+
+    def _method_kwargs(self, spec: MethodSpec, matrix: str | Path | None) -> dict[str, Any]:
+        """The spec's options with selectors built and the data's normalisation added where
+        the method takes one and the config does not set it."""
+        from saliency.methods import method_options
+
+        kwargs = resolve_selectors(dict(spec.kwargs), matrix)
+        if self._normalisation is not None and "normalisation" in method_options(spec.name):
+            kwargs.setdefault("normalisation", self._normalisation)
+        return kwargs
 
     # ------------------------------------------------------------------------- per batch
     def _columns(self, batch: dict[str, Any]) -> list[str]:
@@ -330,6 +345,7 @@ class SaliencyEvaluationCallback(L.Callback):
             self.prepare(
                 pl_module.network, sample,
                 getattr(pl_module, "confusion_matrix_path", None), pl_module.device.type,
+                data_normalisation(getattr(trainer, "datamodule", None)),
             )  # fmt: skip
         device = pl_module.device
         value_keys, curve_keys = self._value_keys()
@@ -485,7 +501,7 @@ class SaliencyEvaluationCallback(L.Callback):
         matrix = self._matrix
 
         def builder(combination: _Combination):
-            kwargs = resolve_selectors(dict(combination.spec.kwargs), matrix)
+            kwargs = self._method_kwargs(combination.spec, matrix)
             layer = None if combination.layer == INPUT_LAYER else combination.layer
             return lambda model: create_method(combination.spec.name, model, layer=layer, **kwargs)
 
@@ -625,7 +641,10 @@ class SaliencyEvaluationCallback(L.Callback):
         self._watch = self._watching(trainer)
         if self._watch and self.combinations is None:
             sample = trainer.val_dataloaders.dataset[0]
-            self.prepare(pl_module.model, sample, None, pl_module.device.type)
+            self.prepare(
+                pl_module.model, sample, None, pl_module.device.type,
+                data_normalisation(getattr(trainer, "datamodule", None)),
+            )  # fmt: skip
         self._running: dict[tuple, list[torch.Tensor]] = {}
 
     def _watching(self, trainer: L.Trainer) -> bool:
