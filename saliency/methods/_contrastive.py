@@ -28,24 +28,11 @@ def reference_gradients(
     the captured tensors for the request ``[targets | references.flatten]`` (``[B, K + K·k]``)
     and the references ``[B, K, k]``. ``layout`` is passed on to :func:`class_gradients`.
     """
-    batch, num_targets = targets.shape
-    flat_targets = targets.reshape(-1)
+    batch = targets.shape[0]
     chosen: dict[str, torch.Tensor] = {}
 
     def request(logits: torch.Tensor) -> torch.Tensor:
-        _check_selector_classes(selector, logits.shape[1])
-        references = selector(logits.repeat_interleave(num_targets, dim=0), flat_targets)
-        if (
-            not isinstance(references, torch.Tensor)
-            or references.dim() != 2
-            or references.shape[0] != flat_targets.shape[0]
-        ):
-            raise ConfigurationError(
-                f"the reference selector {selector!r} must return LongTensor[B, k] for B "
-                f"targets; got {getattr(references, 'shape', type(references).__name__)} for "
-                f"{flat_targets.shape[0]} targets"
-            )
-        references = references.long().to(targets.device).reshape(batch, num_targets, -1)
+        references = select_references(selector, logits, targets)
         chosen["references"] = references
         return torch.cat([targets, references.reshape(batch, -1)], dim=1)
 
@@ -53,6 +40,29 @@ def reference_gradients(
     extra = {"layout": layout} if layout is not None else {}
     captured = class_gradients(model, images, layer, request, **extra)
     return captured, chosen["references"]
+
+
+def select_references(
+    selector: Selector, logits: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """The selector's ``k`` references for each of the ``[B, K]`` targets, ``[B, K, k]``, from
+    the (detached) logits ``[B, N]`` (one selector call with the logits repeated per target)."""
+    batch, num_targets = targets.shape
+    flat_targets = targets.reshape(-1)
+    logits = logits.detach()
+    _check_selector_classes(selector, logits.shape[1])
+    references = selector(logits.repeat_interleave(num_targets, dim=0), flat_targets)
+    if (
+        not isinstance(references, torch.Tensor)
+        or references.dim() != 2
+        or references.shape[0] != flat_targets.shape[0]
+    ):
+        raise ConfigurationError(
+            f"the reference selector {selector!r} must return LongTensor[B, k] for B "
+            f"targets; got {getattr(references, 'shape', type(references).__name__)} for "
+            f"{flat_targets.shape[0]} targets"
+        )
+    return references.long().to(targets.device).reshape(batch, num_targets, -1)
 
 
 def _check_selector_classes(selector: Selector, num_outputs: int) -> None:
