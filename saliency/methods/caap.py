@@ -156,6 +156,8 @@ class CAAP(SaliencyMethod):
         self.layers = check_layers(layers, len(vit.blocks))
         self.blank = check_blank(blank)
         self.normalisation = check_normalisation(normalisation)
+        if isinstance(self.blank, str) and self.blank != "zeros":
+            self._pixel_statistics()  # a pixel colour without a normalisation fails now
         self.patch_batch_size = patch_batch_size
         self.precompute_blank = precompute_blank
         self.blank_prototype = blank_prototype
@@ -203,18 +205,7 @@ class CAAP(SaliencyMethod):
         if isinstance(self.blank, str):
             if self.blank == "zeros":
                 return torch.zeros(1, channels, height, width, **options)
-            config = getattr(self.vit, "pretrained_cfg", None) or {}
-            if self.normalisation is not None:
-                mean, std = self.normalisation
-            elif "mean" in config and "std" in config:
-                mean, std = config["mean"], config["std"]
-            else:
-                raise ConfigurationError(
-                    f"blank={self.blank!r} is a pixel colour: it needs the images' "
-                    f"normalisation, and {type(self.vit).__name__} carries no pretrained_cfg "
-                    f"'mean' and 'std'; pass normalisation=(mean, std), blank='zeros', or the "
-                    f"blank colour in normalised space as a tensor"
-                )
+            mean, std = self._pixel_statistics()
             pixel = 1.0 if self.blank == "white" else 0.0
             mean = torch.as_tensor(mean, **options)
             std = torch.as_tensor(std, **options)
@@ -238,6 +229,20 @@ class CAAP(SaliencyMethod):
                 f"[1 or {batch}, {channels}, {height}, {width}]"
             )
         return colour
+
+    def _pixel_statistics(self) -> tuple[Sequence[float], Sequence[float]]:
+        """The images' ``(mean, std)``: ``normalisation``, else the model's pretrained_cfg."""
+        if self.normalisation is not None:
+            return self.normalisation
+        config = getattr(self.vit, "pretrained_cfg", None) or {}
+        if "mean" in config and "std" in config:
+            return config["mean"], config["std"]
+        raise ConfigurationError(
+            f"blank={self.blank!r} is a pixel colour: it needs the images' normalisation, and "
+            f"{type(self.vit).__name__} carries no pretrained_cfg 'mean' and 'std'; pass "
+            f"normalisation=(mean, std), blank='zeros', or the blank colour in normalised "
+            f"space as a tensor"
+        )
 
 
 def check_layers(layers: tuple[int, int] | None, depth: int) -> tuple[int, int]:
