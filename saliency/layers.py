@@ -38,7 +38,8 @@ def default_layer(model: nn.Module) -> str:
     The choice follows each family's usual Grad-CAM layer: the last spatial feature map a
     convolutional classifier pools, or for ViTs the input of the last block, whose patch
     tokens reach the class token through the last attention. Paper protocols that use another
-    layer pass it explicitly (last column). The layout column is what
+    layer pass it explicitly (last column), or by name: ``protocol:case`` (:func:`case_layer`,
+    via :func:`layer_path`). The layout column is what
     :func:`saliency.feature_layout.detect_layout` finds for that layer.
 
     | architecture | ``layer=None`` gives | layout | protocol layers (pass as ``layer=``) |
