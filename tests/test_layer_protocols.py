@@ -94,7 +94,14 @@ def test_uncovered_architectures_and_unknown_protocols_fail_clearly():
 
 @pytest.mark.parametrize(
     ("source", "name"),
-    [("torchvision", "resnet18"), ("torchvision", "densenet121"), ("timm", "resnet18")],
+    [
+        ("torchvision", "resnet50"),
+        ("torchvision", "resnet18"),
+        ("torchvision", "densenet121"),
+        ("timm", "resnet18"),
+        ("timm", "densenet121"),
+        ("timm", "convnext_atto"),
+    ],
 )
 def test_a_study_with_protocol_case_runs_every_method_at_the_case_layer(source, name):
     torch.manual_seed(0)
