@@ -207,20 +207,18 @@ class CAAPSweepCallback(L.Callback):
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         network = explained_network(pl_module)
-        normalisation = data_normalisation(
-            getattr(trainer, "datamodule", None)
-        )  # the white blank's pixel colour
+        kwargs = dict(self.caap_kwargs)
+        # the data's mean/std place a white / black blank in the images' normalised space
+        normalisation = data_normalisation(getattr(trainer, "datamodule", None))
         if normalisation is not None:
-            self.caap_kwargs.setdefault("normalisation", normalisation)
-        probe = CAAP(network, mode="parallel", **self.caap_kwargs)  # checks the ViT and kwargs
+            kwargs.setdefault("normalisation", normalisation)
+        probe = CAAP(network, mode="parallel", **kwargs)  # checks the ViT and kwargs
         self.depth = len(probe.vit.blocks)
         self.default_cutoff = check_layers(None, self.depth)[1]
         self._by_cutoff, self._by_operator = self.variants(self.depth)
         unique = list(dict.fromkeys([*self._by_cutoff, *self._by_operator]))
         self._methods = {
-            v: CAAP(
-                network, mode="parallel", selection=v[2], layers=(v[0], v[1]), **self.caap_kwargs
-            )
+            v: CAAP(network, mode="parallel", selection=v[2], layers=(v[0], v[1]), **kwargs)
             for v in unique
         }
         self._active_specs = self._applicable_metrics(_first_sample(trainer.test_dataloaders))
