@@ -21,6 +21,7 @@ def main(argv: Sequence[str] | None = None):
     import lightning as L
     import numpy as np
 
+    from callbacks.explained_model import data_normalisation
     from callbacks.saliency_evaluation import (
         CONFUSION_FROM_HOLDOUT,
         CONFUSION_FROM_VALIDATION,
@@ -67,13 +68,14 @@ def main(argv: Sequence[str] | None = None):
     sample = cli.datamodule.test_dataloader().dataset[0]
     device_type = trainer.strategy.root_device.type
     matrix = _held_out_confusion_matrix(cli, evaluation)
+    normalisation = data_normalisation(cli.datamodule)  # e.g. CAAP's white blank
     if matrix in (CONFUSION_FROM_VALIDATION, CONFUSION_FROM_HOLDOUT):
         evaluation.confusion_matrix = None
         # check the whole config with a stand-in matrix before the matrix is computed
         stand_in = np.ones((cli.model.num_classes, cli.model.num_classes))
-        evaluation.prepare(cli.model.network, sample, stand_in, device_type)
+        evaluation.prepare(cli.model.network, sample, stand_in, device_type, normalisation)
         matrix = _computed_confusion_matrix(cli, trainer, evaluation, matrix)
-    evaluation.prepare(cli.model.network, sample, matrix, device_type)
+    evaluation.prepare(cli.model.network, sample, matrix, device_type, normalisation)
     trainer.test(cli.model, datamodule=cli.datamodule)
     finish_wandb(trainer)
     if trainer.is_global_zero:

@@ -35,7 +35,12 @@ from torch import nn
 
 from callbacks.evaluation_metrics import METRICS, MetricContext
 from callbacks.evaluation_spec import MetricSpec, parse_metrics
-from callbacks.explained_model import explained_network, first_test_indices, model_description
+from callbacks.explained_model import (
+    data_normalisation,
+    explained_network,
+    first_test_indices,
+    model_description,
+)
 from saliency.errors import ConfigurationError
 from saliency.methods.caap import CAAP, SELECTIONS, check_layers
 from saliency.metrics.per_sample import PerSampleValues
@@ -95,8 +100,9 @@ class CAAPSweepCallback(L.Callback):
             dataset lacks: ``error`` (default) or ``skip`` it with a warning (e.g. ImageNet
             without ImageNet-S masks: the faithfulness metrics still run).
         caap_kwargs: further :class:`~saliency.methods.caap.CAAP` options (``blank``,
-            ``patch_batch_size``, ``precompute_blank``, ``blank_prototype``); the mode is
-            always ``parallel`` and the layers / selection come from the sweep.
+            ``patch_batch_size``, ``precompute_blank``, ``blank_prototype``,
+            ``normalisation``: default the datamodule's); the mode is always ``parallel`` and
+            the layers / selection come from the sweep.
         perturbation_batch_size: images per forward of the deletion / insertion curves.
         name: the analysis directory ``<run_dir>/analyses/<name>/`` and W&B prefix.
     """
@@ -201,15 +207,18 @@ class CAAPSweepCallback(L.Callback):
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         network = explained_network(pl_module)
-        probe = CAAP(network, mode="parallel", **self.caap_kwargs)  # checks the ViT and kwargs
+        kwargs = dict(self.caap_kwargs)
+        # the data's mean/std place a white / black blank in the images' normalised space
+        normalisation = data_normalisation(getattr(trainer, "datamodule", None))
+        if normalisation is not None:
+            kwargs.setdefault("normalisation", normalisation)
+        probe = CAAP(network, mode="parallel", **kwargs)  # checks the ViT and kwargs
         self.depth = len(probe.vit.blocks)
         self.default_cutoff = check_layers(None, self.depth)[1]
         self._by_cutoff, self._by_operator = self.variants(self.depth)
         unique = list(dict.fromkeys([*self._by_cutoff, *self._by_operator]))
         self._methods = {
-            v: CAAP(
-                network, mode="parallel", selection=v[2], layers=(v[0], v[1]), **self.caap_kwargs
-            )
+            v: CAAP(network, mode="parallel", selection=v[2], layers=(v[0], v[1]), **kwargs)
             for v in unique
         }
         self._active_specs = self._applicable_metrics(_first_sample(trainer.test_dataloaders))

@@ -184,7 +184,7 @@ def _relative_drop(context: MetricContext, options: dict[str, Any]) -> Result:
     if options["reference"] == "nearest_logit":
         from saliency.targets import LogitNeighbours
 
-        references = LogitNeighbours(1)(context.logits, classes)[:, 0]
+        references = LogitNeighbours(1, mode="nearest")(context.logits, classes)[:, 0]
     values = M.relative_drop(
         context.model, context.images, maps, classes, references, options["fraction"],
         options["fill"], context.perturbation_batch_size, indices=context.indices,

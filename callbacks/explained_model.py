@@ -1,5 +1,5 @@
 """What an analysis callback explains during ``evaluate.py``'s test loop: the plain network,
-a readable name for plot titles, and which test samples come first."""
+a readable name for plot titles, which test samples come first, and the data's normalisation."""
 
 from __future__ import annotations
 
@@ -39,3 +39,12 @@ def first_test_indices(dataloaders: Any, count: int) -> list[int]:
     if indices is not None:
         return sorted(int(i) for i in indices)[:count]
     return list(range(min(count, len(dataset))))
+
+
+def data_normalisation(datamodule: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The ``(mean, std)`` a datamodule normalises its images with (the transform's statistics,
+    DESIGN.md "Sample format"), or None when it does not say."""
+    mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+    if mean is None or std is None:
+        return None
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)

@@ -45,7 +45,7 @@ from callbacks.evaluation_tables import (
     sibling_share,
     summarise,
 )
-from callbacks.explained_model import first_test_indices
+from callbacks.explained_model import data_normalisation, first_test_indices
 from callbacks.run_outputs import StagedResults
 from callbacks.target_policies import (
     POLICIES,
@@ -54,7 +54,7 @@ from callbacks.target_policies import (
     parse_policies,
 )
 from saliency.errors import ConfigurationError
-from saliency.layers import resolve_layer
+from saliency.layers import layer_path
 from saliency.metrics.per_sample import PerSampleValues
 from saliency.stats import hypothesis_text, method_alternative
 
@@ -97,8 +97,10 @@ class SaliencyEvaluationCallback(L.Callback):
 
     Args:
         methods: names or ``{name, label, kwargs}`` (:mod:`callbacks.evaluation_spec`).
-        layers: dotted layer paths; ``null`` = each network's default layer. Methods that
-            explain the input (gradients, RISE) run once, under layer ``input``.
+        layers: dotted layer paths; ``null`` = each network's default layer;
+            ``protocol:case`` = the layer CASE explains on this architecture
+            (:func:`saliency.layers.case_layer`). Methods that explain the input (gradients,
+            RISE) run once, under layer ``input``.
         targets: target policies (:mod:`callbacks.target_policies`).
         metrics: names or ``{name, label, kwargs}`` (:data:`callbacks.evaluation_metrics.METRICS`);
             each runs on the policies of its kind (pair metrics on ``top1_vs_top2``, ...).
@@ -195,6 +197,7 @@ class SaliencyEvaluationCallback(L.Callback):
         self.title = title
         self.output_dir = output_dir
         self.combinations: list[_Combination] | None = None
+        self._normalisation: tuple[Sequence[float], Sequence[float]] | None = None
         self.per_sample: pd.DataFrame | None = None
         self.summary: pd.DataFrame | None = None
         self.stats: pd.DataFrame | None = None
@@ -222,11 +225,13 @@ class SaliencyEvaluationCallback(L.Callback):
         sample: dict[str, Any],
         confusion_matrix: str | Path | np.ndarray | None = None,
         device_type: str = "cpu",
+        normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         """Check the config against the model and the data and build every method — before
         any computation. ``sample`` is one dataset item (its keys say what the data has);
         ``confusion_matrix`` is the training run's matrix (``evaluation.confusion_matrix``
-        wins)."""
+        wins); ``normalisation`` is the data's ``(mean, std)``, passed to every method with a
+        ``normalisation`` option that the config leaves unset (CAAP's white blank)."""
         if self.autocast and device_type != "cuda":
             raise ConfigurationError(
                 "evaluation.autocast needs a CUDA device (float16 autocast); the trainer runs on "
@@ -255,6 +260,7 @@ class SaliencyEvaluationCallback(L.Callback):
         if isinstance(matrix, (str, Path)) and not Path(matrix).is_file():
             raise ConfigurationError(f"confusion matrix not found: {matrix}")
         self._matrix = matrix
+        self._normalisation = normalisation
         self.combinations = self._build(network, matrix)
         for combination in self.combinations:  # a method's batch_fields (reference maps)
             _require_keys(
@@ -269,11 +275,12 @@ class SaliencyEvaluationCallback(L.Callback):
         from saliency.methods import create_method
 
         combinations: list[_Combination] = []
-        for layer in self.layers:
-            if layer is not None:
-                resolve_layer(network, layer)  # lists the nearest valid names
+        for configured in self.layers:
+            # None: each method's default; protocol:<name>: that protocol's layer for this
+            # network; a path is checked here, listing the nearest valid names
+            layer = layer_path(network, configured)
             for spec in self.method_specs:
-                kwargs = resolve_selectors(dict(spec.kwargs), matrix)
+                kwargs = self._method_kwargs(spec, matrix)
                 method = create_method(spec.name, network, layer=layer, **kwargs)
                 used = getattr(method, "layer", None)
                 label = used if isinstance(used, str) else INPUT_LAYER
@@ -282,6 +289,16 @@ class SaliencyEvaluationCallback(L.Callback):
                 counters = matrix_contrast_selectors(kwargs)
                 combinations.append(_Combination(spec, label, method, counters))
         return combinations
+
+    def _method_kwargs(self, spec: MethodSpec, matrix: str | Path | None) -> dict[str, Any]:
+        """The spec's options with selectors built and the data's normalisation added where
+        the method takes one and the config does not set it."""
+        from saliency.methods import method_options
+
+        kwargs = resolve_selectors(dict(spec.kwargs), matrix)
+        if self._normalisation is not None and "normalisation" in method_options(spec.name):
+            kwargs.setdefault("normalisation", self._normalisation)
+        return kwargs
 
     # ------------------------------------------------------------------------- per batch
     def _columns(self, batch: dict[str, Any]) -> list[str]:
@@ -382,6 +399,7 @@ class SaliencyEvaluationCallback(L.Callback):
             self.prepare(
                 pl_module.network, sample,
                 getattr(pl_module, "confusion_matrix_path", None), pl_module.device.type,
+                data_normalisation(getattr(trainer, "datamodule", None)),
             )  # fmt: skip
         device = pl_module.device
         value_keys, curve_keys = self._value_keys()
@@ -588,7 +606,7 @@ class SaliencyEvaluationCallback(L.Callback):
         matrix = self._matrix
 
         def builder(combination: _Combination):
-            kwargs = resolve_selectors(dict(combination.spec.kwargs), matrix)
+            kwargs = self._method_kwargs(combination.spec, matrix)
             layer = None if combination.layer == INPUT_LAYER else combination.layer
             bound = {name: fields[name] for name in combination.batch_fields}
 
@@ -767,7 +785,10 @@ class SaliencyEvaluationCallback(L.Callback):
         self._watch = self._watching(trainer)
         if self._watch and self.combinations is None:
             sample = trainer.val_dataloaders.dataset[0]
-            self.prepare(pl_module.model, sample, None, pl_module.device.type)
+            self.prepare(
+                pl_module.model, sample, None, pl_module.device.type,
+                data_normalisation(getattr(trainer, "datamodule", None)),
+            )  # fmt: skip
         self._running: dict[tuple, list[torch.Tensor]] = {}
 
     def _watching(self, trainer: L.Trainer) -> bool:

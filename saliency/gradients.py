@@ -16,14 +16,16 @@ from saliency.layers import capture_layer
 @dataclass(frozen=True)
 class LayerGradients:
     """Activations ``[B, C, h, w]``, logits ``[B, N]``, the explained ``classes`` ``[B, K]`` and
-    ``gradients[b, k] = d logits[b, classes[b, k]] / d activations[b]`` as ``[B, K, C, h, w]``.
+    ``gradients[b, k] = d logits[b, classes[b, k]] / d activations[b]`` as ``[B, K, C, h, w]``
+    (from :func:`score_gradients`: ``classes`` is None and ``gradients[b, k]`` is the gradient
+    of score column k).
 
     Token and channels-last layers are already converted to this grid
     (:mod:`saliency.feature_layout`); ViT prefix tokens are dropped from both tensors."""
 
     activations: torch.Tensor
     logits: torch.Tensor
-    classes: torch.Tensor
+    classes: torch.Tensor | None
     gradients: torch.Tensor
 
 
@@ -81,11 +83,52 @@ def class_gradients(
         return _class_gradients(model, images, layer, classes, layout)
 
 
+def score_gradients(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str,
+    scores: Callable[[torch.Tensor], torch.Tensor],
+    layout: str | None = None,
+) -> LayerGradients:
+    """One forward pass, then the gradient of each column of ``scores(logits)`` (``[B, K]``, any
+    differentiable function of the logits ``[B, N]``, e.g. Finer-CAM's softmax-weighted logit
+    differences) w.r.t. ``layer``'s output: K backward passes, through ``scores`` and the part
+    of the network after the layer. ``classes`` of the result is None. Grad is enabled here,
+    as in :func:`class_gradients`; ``layout`` as there."""
+    layout = check_layout(layout)
+    with torch.inference_mode(False), torch.enable_grad():
+        if images.is_inference():
+            images = images.clone()
+        return _layer_gradients(model, images, layer, scores, layout)
+
+
 def _class_gradients(
     model: nn.Module,
     images: torch.Tensor,
     layer: str,
     classes: ClassRequest,
+    layout: str | None,
+) -> LayerGradients:
+    chosen: dict[str, torch.Tensor] = {}
+
+    def scores(logits: torch.Tensor) -> torch.Tensor:
+        request = classes(logits.detach()) if callable(classes) else classes
+        request = as_class_matrix(request, images.shape[0]).to(images.device)
+        _check_classes(request, logits.shape[1])
+        chosen["classes"] = request
+        return logits.gather(1, request)
+
+    captured = _layer_gradients(model, images, layer, scores, layout)
+    return LayerGradients(
+        captured.activations, captured.logits, chosen["classes"], captured.gradients
+    )
+
+
+def _layer_gradients(
+    model: nn.Module,
+    images: torch.Tensor,
+    layer: str,
+    scores: Callable[[torch.Tensor], torch.Tensor],
     layout: str | None,
 ) -> LayerGradients:
     with capture_layer(model, layer) as capture:
@@ -94,22 +137,16 @@ def _class_gradients(
         grid = detect_layout(
             model, layer, activations, images.shape[-2:], layout, batch_size=images.shape[0]
         )
-        if callable(classes):
-            chosen = classes(logits.detach())
-            classes = as_class_matrix(chosen, images.shape[0]).to(images.device)
-        _check_classes(classes, logits.shape[1])
-        scores = logits.gather(1, classes)
-        num_classes = classes.shape[1]
+        values = scores(logits)
+        count = values.shape[1]
         gradients = [
-            torch.autograd.grad(scores[:, k].sum(), activations, retain_graph=k < num_classes - 1)[
-                0
-            ]
-            for k in range(num_classes)
+            torch.autograd.grad(values[:, k].sum(), activations, retain_graph=k < count - 1)[0]
+            for k in range(count)
         ]
     return LayerGradients(
         activations=grid.to_grid(activations.detach()).contiguous(),
         logits=logits.detach(),
-        classes=classes,
+        classes=None,
         gradients=grid.gradients_to_grid(torch.stack(gradients, dim=1)).contiguous(),
     )
 

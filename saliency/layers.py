@@ -6,7 +6,7 @@ train/eval mode and every parameter's ``requires_grad`` flag are restored, also 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -38,7 +38,8 @@ def default_layer(model: nn.Module) -> str:
     The choice follows each family's usual Grad-CAM layer: the last spatial feature map a
     convolutional classifier pools, or for ViTs the input of the last block, whose patch
     tokens reach the class token through the last attention. Paper protocols that use another
-    layer pass it explicitly (last column). The layout column is what
+    layer pass it explicitly (last column), or by name: ``protocol:case`` (:func:`case_layer`,
+    via :func:`layer_path`). The layout column is what
     :func:`saliency.feature_layout.detect_layout` finds for that layer.
 
     | architecture | ``layer=None`` gives | layout | protocol layers (pass as ``layer=``) |
@@ -109,6 +110,125 @@ def _vision_transformer_layer(model: nn.Module) -> str | None:
     ):
         return f"encoder.layers.{list(layers._modules)[-1]}.ln_1"
     return None
+
+
+PROTOCOL_PREFIX = "protocol:"
+
+
+def case_layer(model: nn.Module) -> str:
+    """The layer CASE explains (``case.md`` Sec. IV-D, Figs. 5–6; PROTOCOLS.md), found from the
+    architecture's structure, for torchvision and timm names alike:
+
+    | architecture | CASE layer | CASE's models |
+    |---|---|---|
+    | model with ``default_saliency_layer: str`` | that attribute (``SmallCNN``: ``features.3``) | |
+    | ResNet / ResNeXt / Wide ResNet (``layer4``) | last convolution of the last block: ``layer4.<last>.conv3`` (bottleneck) or ``.conv2`` (basic block) | ResNet-50 ``layer4.2.conv3`` |
+    | DenseNet | ``features.denseblock<last>.denselayer<last>.conv2`` | DenseNet-201 ``features.denseblock4.denselayer32.conv2`` |
+    | ConvNeXt | depthwise convolution of the last block: ``features.<last>.<last>.block.0`` (torchvision), ``stages.<last>.blocks.<last>.conv_dw`` (timm) | ConvNeXt-L ``features.7.2.block.0`` |
+    | VGG (a flat ``features`` stack) | its last convolution | VGG-19-bn ``features.49`` |
+
+    These are not the generic defaults of :func:`default_layer` (``layer4``,
+    ``features.norm5``, ...): CASE Table II shows that the layer changes RQ1's result.
+    Raises :class:`ConfigurationError` for any other architecture (no silent fallback).
+    """
+    for finder in (_declared_layer, _resnet_layer, _densenet_layer, _convnext_layer, _vgg_layer):
+        found = finder(model)
+        if found is not None:
+            return found
+    raise ConfigurationError(
+        f"the CASE layer protocol does not cover {type(model).__name__}: it knows models with a "
+        f"default_saliency_layer, ResNet/ResNeXt/Wide ResNet (layer4.<last>.conv3 or .conv2), "
+        f"DenseNet (features.denseblock<last>.denselayer<last>.conv2), ConvNeXt "
+        f"(features.<last>.<last>.block.0 / stages.<last>.blocks.<last>.conv_dw) and VGG (the "
+        f"last convolution of features); name the layer explicitly in evaluation.layers"
+    )
+
+
+LAYER_PROTOCOLS: dict[str, Callable[[nn.Module], str]] = {"case": case_layer}
+"""Named layer protocols, written ``protocol:<name>`` wherever a layer is configured."""
+
+
+def layer_path(model: nn.Module, layer: str | None) -> str | None:
+    """A configured layer as the dotted path to explain: ``None`` stays ``None`` (each method
+    takes :func:`default_layer`), ``"protocol:<name>"`` becomes the layer that protocol uses
+    for this architecture (:data:`LAYER_PROTOCOLS`, e.g. ``protocol:case`` →
+    :func:`case_layer`), and a dotted path is checked (:func:`resolve_layer`)."""
+    if layer is None:
+        return None
+    if layer.startswith(PROTOCOL_PREFIX):
+        name = layer[len(PROTOCOL_PREFIX) :]
+        if name not in LAYER_PROTOCOLS:
+            known = ", ".join(PROTOCOL_PREFIX + key for key in LAYER_PROTOCOLS)
+            raise ConfigurationError(f"unknown layer protocol {layer!r}; known: {known}")
+        path = LAYER_PROTOCOLS[name](model)
+    else:
+        path = layer
+    resolve_layer(model, path)
+    return path
+
+
+def _declared_layer(model: nn.Module) -> str | None:
+    declared = getattr(model, "default_saliency_layer", None)
+    return declared if isinstance(declared, str) else None
+
+
+def _last(container: nn.Module, prefix: str = "") -> tuple[str, nn.Module] | None:
+    """The last child of ``container`` whose name starts with ``prefix``."""
+    children = [
+        (name, child) for name, child in container.named_children() if name.startswith(prefix)
+    ]
+    return children[-1] if children else None
+
+
+def _resnet_layer(model: nn.Module) -> str | None:
+    stage = getattr(model, "layer4", None)
+    block = _last(stage) if isinstance(stage, nn.Module) else None
+    if block is None:
+        return None
+    for conv in ("conv3", "conv2"):  # bottleneck, basic block
+        if isinstance(getattr(block[1], conv, None), nn.Conv2d):
+            return f"layer4.{block[0]}.{conv}"
+    return None
+
+
+def _densenet_layer(model: nn.Module) -> str | None:
+    features = getattr(model, "features", None)
+    block = _last(features, "denseblock") if isinstance(features, nn.Module) else None
+    dense = _last(block[1], "denselayer") if block is not None else None
+    if dense is None or not isinstance(getattr(dense[1], "conv2", None), nn.Conv2d):
+        return None
+    return f"features.{block[0]}.{dense[0]}.conv2"
+
+
+def _convnext_layer(model: nn.Module) -> str | None:
+    if "ConvNeXt" not in type(model).__name__:
+        return None
+    stages = getattr(model, "stages", None)  # timm
+    if isinstance(stages, nn.Sequential) and len(stages) > 0:
+        stage = _last(stages)
+        block = _last(stage[1].blocks) if hasattr(stage[1], "blocks") else None
+        if block is not None and isinstance(getattr(block[1], "conv_dw", None), nn.Conv2d):
+            return f"stages.{stage[0]}.blocks.{block[0]}.conv_dw"
+        return None
+    features = getattr(model, "features", None)  # torchvision: stages of CNBlocks
+    stage = _last(features) if isinstance(features, nn.Sequential) else None
+    block = _last(stage[1]) if stage is not None else None
+    inner = getattr(block[1], "block", None) if block is not None else None
+    if isinstance(inner, nn.Sequential) and isinstance(inner[0], nn.Conv2d):
+        return f"features.{stage[0]}.{block[0]}.block.0"
+    return None
+
+
+def _vgg_layer(model: nn.Module) -> str | None:
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential) or any(
+        next(child.children(), None) is not None for child in features
+    ):
+        return None  # not a flat stack of layers
+    convolutions = [
+        name for name, child in features.named_children() if isinstance(child, nn.Conv2d)
+    ]
+    return f"features.{convolutions[-1]}" if convolutions else None
 
 
 @dataclass

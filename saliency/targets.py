@@ -94,8 +94,9 @@ class ConfusionContrast:
 
     ``matrix``: ``[N, N]`` counts (rows = true class) as array/tensor, or the path of the
     ``.npy``/``.csv`` that ``train.py`` writes. As the reference code, rows are normalised per
-    true class and the diagonal is zeroed. CASE's paper: "small values (e.g. k = 3) suffice";
-    its evaluation scripts use k = 1.
+    true class and the diagonal is zeroed. ``k = 3`` (default): the paper, "small values (e.g.
+    k = 3) suffice" (Sec. VIII); the authors' code uses k = 5 in its CASE class and k = 1 in its
+    evaluation scripts (``docs/deviations.md``).
 
     Only classes the model actually confused with the target (a positive off-diagonal entry of
     its row) are taken from the matrix — never a zero-confusion class. A row with fewer than
@@ -202,23 +203,50 @@ class ConfusionContrast:
         )
 
 
-class LogitNeighbours:
-    """Finer-CAM references (Sec. 3.2; PROTOCOLS): the k other classes whose logits are nearest
-    the target's, ranked by ``|y_j − y_c|`` (ties to the lower class index)."""
+NeighbourMode = Literal["below", "nearest"]
 
-    def __init__(self, k: int = 3) -> None:
+
+class LogitNeighbours:
+    """Finer-CAM references (Sec. 3.2, Table 2): the k classes most similar to the target by
+    the logits. Both modes give the 2nd, 3rd, 4th predictions for a top-1 target (Table 2's
+    "2nd / 3rd / 4th Pred"); they differ when the target is not the top-1.
+
+    ``mode="below"`` (default, the paper's ranking): the k classes ranked just below the target
+    in descending logit order (target ranked r: ranks r+1, …, r+k), so no reference is more
+    probable than the target. Only when fewer than k classes rank below it is the shortfall
+    filled with the classes just above it, nearest first (a target ranked last gets ranks
+    r−1, r−2, …). ``mode="nearest"`` (the authors' code, ``finer_cam.py`` with
+    ``target_idx``): the k other classes with the smallest ``|y_j − y_c|``, above or below.
+    Equal logits rank the lower class index first in both modes.
+    """
+
+    def __init__(self, k: int = 3, mode: NeighbourMode = "below") -> None:
         _check_k(k)
+        if mode not in ("below", "nearest"):
+            raise ConfigurationError(
+                f"LogitNeighbours mode must be 'below' (the classes ranked just below the "
+                f"target, the paper) or 'nearest' (smallest |logit difference|, the authors' "
+                f"code), got {mode!r}"
+            )
         self.k = k
+        self.mode = mode
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         _check_k(self.k, logits.shape[1])
-        targets = _check_targets(targets, logits.shape[1])
-        distance = (logits - logits.gather(1, targets[:, None])).abs()
-        distance = distance.scatter(1, targets[:, None], float("inf"))
-        return torch.sort(distance, dim=1, stable=True).indices[:, : self.k]
+        targets = _check_targets(targets, logits.shape[1]).to(logits.device)
+        if self.mode == "nearest":
+            key = (logits - logits.gather(1, targets[:, None])).abs()
+        else:
+            order = torch.sort(logits, dim=1, descending=True, stable=True).indices
+            positions = torch.arange(logits.shape[1], device=logits.device).expand_as(order)
+            rank = torch.empty_like(order).scatter_(1, order, positions)  # rank of each class
+            offset = (rank - rank.gather(1, targets[:, None])).double()  # > 0: below target
+            key = torch.where(offset > 0, offset, logits.shape[1] - offset)  # then above it
+        key = key.scatter(1, targets[:, None], float("inf"))
+        return torch.sort(key, dim=1, stable=True).indices[:, : self.k]
 
     def __repr__(self) -> str:
-        return f"LogitNeighbours(k={self.k})"
+        return f"LogitNeighbours(k={self.k}, mode={self.mode!r})"
 
 
 class TopPredictions:

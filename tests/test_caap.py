@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 
 import saliency.methods.caap  # noqa: F401  (registers "caap")
@@ -33,7 +34,14 @@ def small_vit(**kwargs) -> VisionTransformer:
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qkv.weight.mul_(4.0)
+    # the normalisation timm.create_model records (CAAP's default white blank reads it)
+    model.pretrained_cfg = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
     return model.eval()
+
+
+def without_normalisation(model: VisionTransformer) -> VisionTransformer:
+    del model.pretrained_cfg
+    return model
 
 
 MODELS = {
@@ -152,16 +160,25 @@ def test_precompute_blank_deviation_is_reported(prototype: str) -> None:
     assert 0 < relative < 0.5  # an approximation that is in use, and of the right size
 
 
-def test_named_blank_uses_the_model_normalisation() -> None:
-    """``blank="white"`` is pixel value 1 normalised with ``pretrained_cfg`` mean/std."""
+def test_named_blank_uses_the_data_or_the_model_normalisation() -> None:
+    """``blank="white"`` (the default, Sec. 4.4) is pixel value 1 normalised with the data's
+    ``normalisation=(mean, std)`` when given, else with ``pretrained_cfg`` mean/std."""
     model = MODELS["vit_tiny_64"]()
     images, classes = inputs(model)
     mean = torch.tensor(model.pretrained_cfg["mean"])
     std = torch.tensor(model.pretrained_cfg["std"])
-    white = CAAP(model, blank="white").compute(images, classes)
+    white = CAAP(model).compute(images, classes)
     explicit = CAAP(model, blank=(1.0 - mean) / std).compute(images, classes)
     torch.testing.assert_close(white, explicit)
-    assert (CAAP(model).compute(images, classes) - white).abs().max() > 1e-4
+    assert (CAAP(model, blank="zeros").compute(images, classes) - white).abs().max() > 1e-4
+    data = ([0.2, 0.3, 0.4], [0.5, 0.6, 0.7])  # e.g. a datamodule's own statistics
+    white_in_data = CAAP(model, normalisation=data).compute(images, classes)
+    black_in_data = CAAP(model, blank="black", normalisation=data).compute(images, classes)
+    colour = (1.0 - torch.tensor(data[0])) / torch.tensor(data[1])
+    torch.testing.assert_close(white_in_data, CAAP(model, blank=colour).compute(images, classes))
+    black = -torch.tensor(data[0]) / torch.tensor(data[1])
+    torch.testing.assert_close(black_in_data, CAAP(model, blank=black).compute(images, classes))
+    assert (white_in_data - white).abs().max() > 1e-4
 
 
 def test_selection_operators_closed_form() -> None:
@@ -204,7 +221,8 @@ def test_registry_call_contract_and_model_left_unchanged() -> None:
         (lambda: small_vit(), {"selection": "box3"}, "box1"),
         (lambda: small_vit(), {"mode": "loop", "precompute_blank": True}, "mode='parallel'"),
         (lambda: small_vit(), {"blank": "grey"}, "zeros, white, black"),
-        (lambda: small_vit(), {"blank": "white"}, "pretrained_cfg"),
+        (lambda: without_normalisation(small_vit()), {}, "normalisation=(mean, std)"),
+        (lambda: small_vit(), {"normalisation": ([0.5] * 3, [0.0] * 3)}, "positive std"),
         (lambda: small_vit(), {"selection": torch.ones(9, 9, dtype=torch.bool)}, "[16, 16]"),
     ],
 )

@@ -225,11 +225,18 @@ def test_presets_follow_table_3_and_explicit_arguments_win():
         0.5171,
         0.9,
     )
-    default = ClusCAM(model)  # the code's K = 10, r = 0.5; τ by Eq. 10
-    assert (default.num_clusters, default.discard_ratio) == (10, 0.5)
-    assert default.temperature == pytest.approx(1 / math.log(6))
-    with pytest.raises(ConfigurationError, match="unknown ClusCAM preset 'resnet5'"):
+    # No preset: the authors' code as one set (K = 10, r = 0.5, τ = 0.5), never mixed with
+    # Eq. 10 (which would give τ = 1/ln 6 = 0.558 for that K and r).
+    for default in (ClusCAM(model), ClusCAM(model, preset="code")):
+        assert (default.num_clusters, default.discard_ratio, default.temperature) == (10, 0.5, 0.5)
+    # temperature="eq10": Eq. 10 of the final K and r (e.g. after selecting them, App. B).
+    selected = ClusCAM(model, num_clusters=45, discard_ratio=0.5171, temperature="eq10")
+    assert selected.temperature == pytest.approx(1 / math.log(1 + 0.5171 * 45))
+    assert round(selected.temperature, 2) == CLUSCAM_PRESETS["resnet50"].temperature
+    with pytest.raises(ConfigurationError, match=r"unknown ClusCAM preset 'resnet5'.*'code'"):
         ClusCAM(model, preset="resnet5")
+    with pytest.raises(ConfigurationError, match="temperature must be > 0 or 'eq10'"):
+        ClusCAM(model, temperature="eq11")
     with pytest.raises(ConfigurationError, match=r"discard_ratio must lie in \[0, 1\)"):
         ClusCAM(model, discard_ratio=1.0)
     with pytest.raises(ConfigurationError, match="exceeds the 8 channel maps"):

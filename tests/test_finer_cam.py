@@ -18,10 +18,14 @@ def net():
     return TinyCAMNet(num_classes=6)
 
 
-def _nearest_logit_classes(logits, targets, k):
-    distance = (logits - logits.gather(1, targets[:, None])).abs()
-    distance[torch.arange(len(targets)), targets] = float("inf")
-    return distance.argsort(dim=1)[:, :k]
+def _ranked_below(logits, targets, k):
+    """The k classes ranked just below each target by logit (then just above, if too few)."""
+    order = logits.argsort(dim=1, descending=True, stable=True).tolist()
+    rows = []
+    for ranked, target in zip(order, targets.tolist(), strict=True):
+        rank = ranked.index(target)
+        rows.append((ranked[rank + 1 :] + ranked[:rank][::-1])[:k])
+    return torch.tensor(rows)
 
 
 def test_one_reference_closed_form(net):
@@ -31,7 +35,7 @@ def test_one_reference_closed_form(net):
     method = create_method("finer_cam", net, "features", references=LogitNeighbours(1))
     maps = method(images, targets)
     with torch.no_grad():
-        reference = _nearest_logit_classes(net(images), targets, 1)[:, 0]
+        reference = _ranked_below(net(images), targets, 1)[:, 0]
         weights = (net.head.weight[targets] - 0.6 * net.head.weight[reference]) / 64.0
         expected = torch.einsum("bc,bchw->bhw", weights, net.features(images)).relu()
     assert maps.shape == (3, 1, 8, 8) and expected.max() > 0
@@ -43,7 +47,7 @@ def test_references_are_averaged_before_the_relu(net):
     images, targets = torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 0, 4])
     maps = create_method("finer_cam", net, "features", gamma=0.8)(images, targets)  # T = 3
     with torch.no_grad():
-        references = _nearest_logit_classes(net(images), targets, 3)
+        references = _ranked_below(net(images), targets, 3)
         activations = net.features(images)
         weights = (net.head.weight[targets][:, None] - 0.8 * net.head.weight[references]) / 64.0
         per_reference = torch.einsum("btc,bchw->bthw", weights, activations)
@@ -51,24 +55,43 @@ def test_references_are_averaged_before_the_relu(net):
     assert (maps[:, 0] - per_reference.relu().mean(dim=1)).abs().max() > 1e-4
 
 
-def test_softmax_weighted_code_variant_closed_form(net):
+def _top_references(logits, targets, k=3):
+    others = logits.clone()
+    others[torch.arange(len(targets)), targets] = float("-inf")
+    return others.argsort(dim=1, descending=True)[:, :k]
+
+
+def test_softmax_weighting_closed_forms(net):
+    """On GAP + linear, ∂y_n/∂A_k = W[n, k]/(hw), so a score S(y) has the channel weights
+    Σ_n ∂S/∂y_n W[n] / (hw). ``softmax`` (the authors' code) differentiates
+    S = Σ_t p_t (y_c − γ y_t) / (Σ_t p_t + 1e-9) through p = softmax(y); ``softmax_constant``
+    holds p fixed, so ∂S/∂y = Σ_t p_t (e_c − γ e_t) / (Σ_t p_t + 1e-9)."""
     images, targets = torch.randn(3, 3, 8, 8), torch.tensor([0, 3, 5])
-    method = create_method(
-        "finer_cam", net, "features", references=TopPredictions(3), weighting="softmax"
-    )
-    assert method.gamma == 1.0
-    maps = method(images, targets)
+    maps = {
+        weighting: create_method(
+            "finer_cam", net, "features", references=TopPredictions(3), weighting=weighting
+        )
+        for weighting in ("softmax", "softmax_constant")
+    }
+    assert all(method.gamma == 1.0 for method in maps.values())
     with torch.no_grad():
-        logits = net(images)
-        others = logits.clone()
-        others[torch.arange(3), targets] = float("-inf")
-        references = others.argsort(dim=1, descending=True)[:, :3]
-        p = logits.softmax(dim=1).gather(1, references)
-        p = p / (p.sum(dim=1, keepdim=True) + 1e-9)
-        weight = net.head.weight
-        weights = (p[..., None] * (weight[targets][:, None] - weight[references])).sum(1) / 64.0
-        expected = torch.einsum("bc,bchw->bhw", weights, net.features(images)).relu()
-    torch.testing.assert_close(maps[:, 0], expected, atol=1e-6, rtol=1e-5)
+        logits, activations = net(images), net.features(images)
+    references = _top_references(logits, targets)
+
+    def score(y, fixed=None):
+        p = (y if fixed is None else fixed).softmax(dim=1).gather(1, references)
+        differences = y.gather(1, targets[:, None]) - y.gather(1, references)
+        return ((p * differences).sum(dim=1) / (p.sum(dim=1) + 1e-9)).sum()
+
+    for weighting, fixed in (("softmax", None), ("softmax_constant", logits)):
+        slopes = torch.func.grad(lambda y, fixed=fixed: score(y, fixed))(logits)  # ∂S/∂y [B, N]
+        weights = slopes @ net.head.weight / 64.0
+        expected = torch.einsum("bc,bchw->bhw", weights, activations).relu()
+        assert expected.amax() > 0
+        got = maps[weighting](images, targets)[:, 0]
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    difference = maps["softmax"](images, targets) - maps["softmax_constant"](images, targets)
+    assert difference.abs().max() > 1e-3  # the gradient through the weights matters
 
 
 @pytest.mark.parametrize("base", ["grad_cam", "layer_cam", "grad_cam_pp"])
@@ -112,7 +135,9 @@ def test_defaults_and_errors(net):
     assert method.references.k == 3 and method.weighting == "mean"
     with pytest.raises(ConfigurationError, match=r"base 'score_cam'.*grad_cam, layer_cam"):
         create_method("finer_cam", net, "features", base="score_cam")
-    with pytest.raises(ConfigurationError, match=r"'mean' \(paper\) or 'softmax'"):
+    with pytest.raises(
+        ConfigurationError, match=r"'mean' \(paper\), 'softmax'.*'softmax_constant'"
+    ):
         create_method("finer_cam", net, "features", weighting="max")
     with pytest.raises(ConfigurationError, match=r"k=6 .* 6 classes"):
         create_method("finer_cam", net, "features", references=LogitNeighbours(6))(

@@ -324,13 +324,20 @@ def test_finer_score_cam_closed_form_gamma_zero_and_references():
         )
         raw = create_method("score_cam", model, layer="features", channel_softmax=False)
         torch.testing.assert_close(zero, raw.compute(images, classes), atol=1e-6, rtol=1e-5)
-        # Default references: the 3 classes with the nearest logits (LogitNeighbours(3)).
+        # Default references: the 3 classes ranked just below the target (LogitNeighbours(3);
+        # the ones just above it where fewer than 3 rank below).
         logits = model(images)
-        distance = (logits[:, None, :] - logits.gather(1, classes)[..., None]).abs()
-        distance.scatter_(2, classes[..., None], float("inf"))
-        nearest = distance.argsort(dim=2, stable=True)[..., :3]
+        order = logits.argsort(dim=1, descending=True, stable=True).tolist()
+
+        def below_then_above(ranked: list[int], target: int) -> list[int]:
+            rank = ranked.index(target)
+            return (ranked[rank + 1 :] + ranked[:rank][::-1])[:3]
+
+        below = torch.tensor(
+            [[below_then_above(order[b], c) for c in row] for b, row in enumerate(classes.tolist())]
+        )
         default = create_method("finer_score_cam", model, layer="features").compute(images, classes)
-        expected = _closed_form_finer(model, images, classes, nearest, 0.6)
+        expected = _closed_form_finer(model, images, classes, below, 0.6)
         torch.testing.assert_close(default, expected, atol=1e-5, rtol=1e-4)
 
 

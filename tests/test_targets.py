@@ -98,11 +98,27 @@ def test_confusion_contrast_errors(tmp_path):
 LOGITS = torch.tensor([[5.0, 4.0, 1.0, 4.5, -3.0], [0.0, 2.0, 2.5, 1.0, 1.9]])
 
 
-def test_logit_neighbours_are_the_nearest_logits_excluding_the_target():
-    neighbours = LogitNeighbours(k=3)(LOGITS, torch.tensor([0, 1]))
-    assert neighbours.tolist() == [[3, 1, 2], [4, 2, 3]]
-    # Explaining a non-top class: its neighbours on both sides.
-    assert LogitNeighbours(k=2)(LOGITS, torch.tensor([3, 2])).tolist() == [[0, 1], [1, 4]]
+def test_logit_neighbours_rank_below_the_target_as_finer_cam_table_2():
+    # LOGITS row 0 ranks classes 0 > 3 > 1 > 2 > 4, row 1 ranks 2 > 1 > 4 > 3 > 0.
+    # A top-1 target: the 2nd, 3rd, 4th predictions in both modes (Table 2).
+    for mode in ("below", "nearest"):
+        neighbours = LogitNeighbours(k=3, mode=mode)(LOGITS, torch.tensor([0, 2]))
+        assert neighbours.tolist() == [[3, 1, 2], [1, 4, 3]], mode
+    # A target that is not the top-1: the classes ranked just below it, never above ...
+    below = LogitNeighbours(k=2)(LOGITS, torch.tensor([3, 1]))
+    assert below.tolist() == [[1, 2], [4, 3]]
+    # ... while the authors' code takes the nearest logits on both sides (row 0: |4 − 4.5| =
+    # 0.5 for class 1 and |5 − 4.5| = 0.5 for class 0 above it; row 1: 1.9 then 2.5 above).
+    nearest = LogitNeighbours(k=2, mode="nearest")(LOGITS, torch.tensor([3, 1]))
+    assert nearest.tolist() == [[0, 1], [4, 2]]
+    # Fewer than k classes below: the shortfall comes from just above, nearest first.
+    assert LogitNeighbours(k=3)(LOGITS, torch.tensor([4, 0])).tolist() == [[2, 1, 3], [3, 4, 1]]
+    # Equal logits: the lower class index ranks first.
+    tied = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0]])
+    assert LogitNeighbours(k=2)(tied, torch.tensor([3])).tolist() == [[4, 0]]  # 1 > 2 > 3 > 4 > 0
+    assert LogitNeighbours(k=2)(tied, torch.tensor([2])).tolist() == [[3, 4]]
+    with pytest.raises(ConfigurationError, match=r"'below'.*'nearest'.*got 'above'"):
+        LogitNeighbours(k=2, mode="above")
 
 
 def test_top_predictions_are_the_other_highest_logits():

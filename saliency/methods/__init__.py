@@ -18,6 +18,11 @@ from saliency.methods import (  # noqa: F401  (registers the methods)
     var,
 )
 from saliency.methods.base import SaliencyMethod
-from saliency.methods.registry import create_method, list_methods, register_method
+from saliency.methods.registry import (
+    create_method,
+    list_methods,
+    method_options,
+    register_method,
+)
 
-__all__ = ["SaliencyMethod", "create_method", "list_methods", "register_method"]
+__all__ = ["SaliencyMethod", "create_method", "list_methods", "method_options", "register_method"]

@@ -35,31 +35,12 @@ def reference_gradients(
     there and the gradient requested for that slot is the target's own (a placeholder the
     caller must mask out). Otherwise they are an error naming the fix.
     """
-    batch, num_targets = targets.shape
-    flat_targets = targets.reshape(-1)
+    batch = targets.shape[0]
     chosen: dict[str, torch.Tensor] = {}
 
     def request(logits: torch.Tensor) -> torch.Tensor:
-        _check_selector_classes(selector, logits.shape[1])
-        references = selector(logits.repeat_interleave(num_targets, dim=0), flat_targets)
-        if (
-            not isinstance(references, torch.Tensor)
-            or references.dim() != 2
-            or references.shape[0] != flat_targets.shape[0]
-        ):
-            raise ConfigurationError(
-                f"the reference selector {selector!r} must return LongTensor[B, k] for B "
-                f"targets; got {getattr(references, 'shape', type(references).__name__)} for "
-                f"{flat_targets.shape[0]} targets"
-            )
-        references = references.long().to(targets.device).reshape(batch, num_targets, -1)
+        references = select_references(selector, logits, targets, allow_padding)
         empty = references == PADDING
-        if bool(empty.any()) and not allow_padding:
-            raise ConfigurationError(
-                f"the reference selector {selector!r} left contrast slots empty (fallback "
-                f"'none'), but this method needs k references for every target: use "
-                f"fallback: top_predictions"
-            )
         chosen["references"] = references
         requested = torch.where(empty, targets[:, :, None], references)
         return torch.cat([targets, requested.reshape(batch, -1)], dim=1)
@@ -68,6 +49,37 @@ def reference_gradients(
     extra = {"layout": layout} if layout is not None else {}
     captured = class_gradients(model, images, layer, request, **extra)
     return captured, chosen["references"]
+
+
+def select_references(
+    selector: Selector, logits: torch.Tensor, targets: torch.Tensor, allow_padding: bool = False
+) -> torch.Tensor:
+    """The selector's ``k`` references for each of the ``[B, K]`` targets, ``[B, K, k]``, from
+    the (detached) logits ``[B, N]`` (one selector call with the logits repeated per target).
+    Empty slots (:data:`~saliency.targets.PADDING`) are an error unless ``allow_padding``."""
+    batch, num_targets = targets.shape
+    flat_targets = targets.reshape(-1)
+    logits = logits.detach()
+    _check_selector_classes(selector, logits.shape[1])
+    references = selector(logits.repeat_interleave(num_targets, dim=0), flat_targets)
+    if (
+        not isinstance(references, torch.Tensor)
+        or references.dim() != 2
+        or references.shape[0] != flat_targets.shape[0]
+    ):
+        raise ConfigurationError(
+            f"the reference selector {selector!r} must return LongTensor[B, k] for B "
+            f"targets; got {getattr(references, 'shape', type(references).__name__)} for "
+            f"{flat_targets.shape[0]} targets"
+        )
+    references = references.long().to(targets.device).reshape(batch, num_targets, -1)
+    if not allow_padding and bool((references == PADDING).any()):
+        raise ConfigurationError(
+            f"the reference selector {selector!r} left contrast slots empty (fallback "
+            f"'none'), but this method needs k references for every target: use "
+            f"fallback: top_predictions"
+        )
+    return references
 
 
 def _check_selector_classes(selector: Selector, num_outputs: int) -> None:

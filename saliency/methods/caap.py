@@ -57,9 +57,12 @@ class CAAP(SaliencyMethod):
     default), ``"box2"`` (5×5), ``"manhattan"`` (radius-1 Manhattan), clipped at the border,
     or a boolean ``[N, N]`` tensor whose row ``p`` marks ``S(p)`` (N patches, row-major).
 
-    Blank ``x_0`` (Sec. 4.4): ``"zeros"`` (default: zeros in normalised space, i.e. the
-    normalisation mean colour), ``"white"``/``"black"`` (pixel value 1/0 normalised with the
-    model's ``pretrained_cfg`` mean/std; the paper's default is white), or a constant, a colour
+    Blank ``x_0`` (Sec. 4.4, "We use White blanks as the default setting in all experiments"):
+    ``"white"`` (default) / ``"black"``, pixel value 1 / 0 in the images' normalised space,
+    ``(pixel − mean) / std`` with ``normalisation=(mean, std)``, the statistics the images were
+    normalised with (``evaluate.py`` passes the datamodule's), else the model's
+    ``pretrained_cfg`` mean/std; ``"zeros"`` (zeros in normalised space, i.e. the
+    normalisation's mean colour: the paper's "Mean" blank of Fig. 4), or a constant, a colour
     ``[C]`` or an image ``[C, H, W]``/``[1 or B, C, H, W]`` in normalised space.
 
     ``mode="loop"`` is Alg. 1 as written: one patched sequence per patch (a batch of
@@ -99,10 +102,11 @@ class CAAP(SaliencyMethod):
         mode: Mode = "parallel",
         selection: str | torch.Tensor = "box1",
         layers: tuple[int, int] | None = None,
-        blank: BlankSpec = "zeros",
+        blank: BlankSpec = "white",
         patch_batch_size: int | None = None,
         precompute_blank: bool = False,
         blank_prototype: Prototype = "mean",
+        normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         super().__init__(model)
         if layer is not None:
@@ -151,6 +155,9 @@ class CAAP(SaliencyMethod):
         self.selection = selection
         self.layers = check_layers(layers, len(vit.blocks))
         self.blank = check_blank(blank)
+        self.normalisation = check_normalisation(normalisation)
+        if isinstance(self.blank, str) and self.blank != "zeros":
+            self._pixel_statistics()  # a pixel colour without a normalisation fails now
         self.patch_batch_size = patch_batch_size
         self.precompute_blank = precompute_blank
         self.blank_prototype = blank_prototype
@@ -198,16 +205,10 @@ class CAAP(SaliencyMethod):
         if isinstance(self.blank, str):
             if self.blank == "zeros":
                 return torch.zeros(1, channels, height, width, **options)
-            config = getattr(self.vit, "pretrained_cfg", None) or {}
-            if "mean" not in config or "std" not in config:
-                raise ConfigurationError(
-                    f"blank={self.blank!r} needs the model's normalisation (pretrained_cfg "
-                    f"'mean' and 'std'), which {type(self.vit).__name__} does not carry; pass "
-                    f"the blank colour in normalised space as a tensor instead"
-                )
+            mean, std = self._pixel_statistics()
             pixel = 1.0 if self.blank == "white" else 0.0
-            mean = torch.as_tensor(config["mean"], **options)
-            std = torch.as_tensor(config["std"], **options)
+            mean = torch.as_tensor(mean, **options)
+            std = torch.as_tensor(std, **options)
             colour = (pixel - mean) / std
         else:
             colour = self.blank.to(**options)
@@ -229,6 +230,20 @@ class CAAP(SaliencyMethod):
             )
         return colour
 
+    def _pixel_statistics(self) -> tuple[Sequence[float], Sequence[float]]:
+        """The images' ``(mean, std)``: ``normalisation``, else the model's pretrained_cfg."""
+        if self.normalisation is not None:
+            return self.normalisation
+        config = getattr(self.vit, "pretrained_cfg", None) or {}
+        if "mean" in config and "std" in config:
+            return config["mean"], config["std"]
+        raise ConfigurationError(
+            f"blank={self.blank!r} is a pixel colour: it needs the images' normalisation, and "
+            f"{type(self.vit).__name__} carries no pretrained_cfg 'mean' and 'std'; pass "
+            f"normalisation=(mean, std), blank='zeros', or the blank colour in normalised "
+            f"space as a tensor"
+        )
+
 
 def check_layers(layers: tuple[int, int] | None, depth: int) -> tuple[int, int]:
     """``(l_s, l_e)`` with ``0 ≤ l_s ≤ l_e ≤ L``; ``None`` gives ``(1, ⌈2L/3⌉)`` (Sec. 3.2)."""
@@ -244,6 +259,27 @@ def check_layers(layers: tuple[int, int] | None, depth: int) -> tuple[int, int]:
             f"layer indices: h^l is the output of block l, h^0 the embedding), got {layers!r}"
         )
     return int(layers[0]), int(layers[1])
+
+
+def check_normalisation(
+    normalisation: tuple[Sequence[float], Sequence[float]] | None,
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` per channel, std > 0, or None."""
+    if normalisation is None:
+        return None
+    try:
+        mean, std = (tuple(float(v) for v in values) for values in normalisation)
+    except (TypeError, ValueError) as error:
+        raise ConfigurationError(
+            f"caap normalisation must be (mean, std), two sequences of per-channel numbers, "
+            f"got {normalisation!r}"
+        ) from error
+    if len(mean) != len(std) or not mean or min(std) <= 0:
+        raise ConfigurationError(
+            f"caap normalisation needs a mean and a positive std per channel, got mean {mean}, "
+            f"std {std}"
+        )
+    return mean, std
 
 
 def check_blank(blank: BlankSpec) -> str | torch.Tensor:

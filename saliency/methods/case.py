@@ -54,7 +54,7 @@ class CASE(SaliencyMethod):
         if contrast is None:
             raise ConfigurationError(
                 "case needs a contrast selector: pass contrast=ConfusionContrast("
-                "'outputs/<run>/confusion_matrix.npy', k=5) (from saliency.targets)"
+                "'outputs/<run>/confusion_matrix.npy', k=3) (from saliency.targets)"
             )
         if projection not in ("full", "weights"):
             raise ConfigurationError(

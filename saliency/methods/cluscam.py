@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +47,11 @@ CLUSCAM_PRESETS: dict[str, ClusCAMPreset] = {
 }
 """ClusCAM Table 3 (App. A), by architecture."""
 
-CODE_NUM_CLUSTERS = 10
-CODE_DISCARD_RATIO = 0.5
-CODE_TEMPERATURE = 0.5
+CODE_PRESET = ClusCAMPreset(10, 0.5, 0.5)
+"""The authors' reference code: K = 10 (its sweeps run 10–150), r = 0.5, τ = 0.5."""
+
+EQ10 = "eq10"
+"""``temperature="eq10"``: τ = 1 / ln(1 + rK) (Eq. 10) of the chosen K and r."""
 
 
 def temperature_from(discard_ratio: float, num_clusters: int) -> float:
@@ -106,13 +109,18 @@ class ClusCAM(SaliencyMethod):
     assignments and, mapped back by ``U T⁺``, the same centres as k-means on the upsampled
     maps, up to float rounding.
 
-    Hyper-parameters: each of ``num_clusters``, ``discard_ratio``, ``temperature`` comes from
-    the explicit argument, else from ``preset`` (a key of :data:`CLUSCAM_PRESETS`, the paper's
-    Table 3 per architecture), else the default: the paper has no architecture-independent K
-    and r, so they default to the reference code's K = 10, r = 0.5; τ defaults to the paper's
-    Eq. 10, ``1/ln(1 + rK)`` (0.558 for the code's K and r, whose code uses τ = 0.5: pass
-    ``temperature=0.5`` to reproduce it). :mod:`saliency.cluscam_selection` selects K, r, τ
-    from validation data (App. B). The paper hooks the last convolutional layer of CNNs (the
+    Hyper-parameters (K, r, τ) come as one coherent set from ``preset``: a key of
+    :data:`CLUSCAM_PRESETS` (the paper's Table 3 row of that architecture, e.g. ``"resnet50"``:
+    K = 45, r = 0.5171, τ = 0.31, whose τ is Eq. 10 of its K and r) or ``"code"``
+    (:data:`CODE_PRESET`, the authors' code: K = 10, r = 0.5, τ = 0.5). Without a preset the
+    default is ``"code"``: the paper gives no architecture-independent values (Table 3's rows
+    were selected per architecture by Alg. 2–3 on ImageNet validation data), and the code's
+    set is the only one its authors published for any model; for an architecture outside
+    Table 3 the paper's way is to select K and r (:mod:`saliency.cluscam_selection`, App. B)
+    and pass them with ``temperature="eq10"``. An explicit ``num_clusters``,
+    ``discard_ratio`` or ``temperature`` replaces that one value of the preset and nothing
+    else; ``temperature="eq10"`` is Eq. 10 of the final K and r (docs/deviations.md).
+    The paper hooks the last convolutional layer of CNNs (the
     default layer) and the patch embedding of ViTs (pass its path as ``layer=``). ``seed`` is
     the k-means random state (the code's ``random_state=0``); every image is clustered as if
     alone with it. ``kmeans_iterations`` and ``kmeans_tol`` are scikit-learn's ``max_iter``
@@ -126,7 +134,7 @@ class ClusCAM(SaliencyMethod):
         layer: str | None = None,
         num_clusters: int | None = None,
         discard_ratio: float | None = None,
-        temperature: float | None = None,
+        temperature: float | Literal["eq10"] | None = None,
         batch_size: int = 32,
         seed: int = 0,
         kmeans_iterations: int = 300,
@@ -139,10 +147,8 @@ class ClusCAM(SaliencyMethod):
         resolve_layer(model, self.layer)
         self.layout = check_layout(layout)
         chosen = _preset(preset)
-        if num_clusters is None:
-            num_clusters = chosen.num_clusters if chosen else CODE_NUM_CLUSTERS
-        if discard_ratio is None:
-            discard_ratio = chosen.discard_ratio if chosen else CODE_DISCARD_RATIO
+        num_clusters = chosen.num_clusters if num_clusters is None else num_clusters
+        discard_ratio = chosen.discard_ratio if discard_ratio is None else discard_ratio
         _check_int("num_clusters", num_clusters, 1)
         if not 0 <= discard_ratio < 1:
             raise ConfigurationError(
@@ -150,11 +156,13 @@ class ClusCAM(SaliencyMethod):
                 f"{discard_ratio!r}"
             )
         if temperature is None:
-            temperature = (
-                chosen.temperature if chosen else temperature_from(discard_ratio, num_clusters)
+            temperature = chosen.temperature
+        elif temperature == EQ10:
+            temperature = temperature_from(discard_ratio, num_clusters)
+        if isinstance(temperature, str) or not temperature > 0:
+            raise ConfigurationError(
+                f"temperature must be > 0 or 'eq10' (Eq. 10), got {temperature!r}"
             )
-        if not temperature > 0:
-            raise ConfigurationError(f"temperature must be > 0, got {temperature!r}")
         if not kmeans_tol >= 0:
             raise ConfigurationError(f"kmeans_tol must be >= 0, got {kmeans_tol!r}")
         _check_int("batch_size", batch_size, 1)
@@ -336,12 +344,14 @@ def upsampling_metric(
     return factor.float(), torch.linalg.pinv(factor).float()
 
 
-def _preset(name: str | None) -> ClusCAMPreset | None:
-    if name is None:
-        return None
+def _preset(name: str | None) -> ClusCAMPreset:
+    """A Table 3 row, or the authors' code's values for ``"code"`` and ``None``."""
+    if name is None or name == "code":
+        return CODE_PRESET
     if name not in CLUSCAM_PRESETS:
         raise ConfigurationError(
-            f"unknown ClusCAM preset {name!r}; the paper's Table 3 has {', '.join(CLUSCAM_PRESETS)}"
+            f"unknown ClusCAM preset {name!r}; the paper's Table 3 has "
+            f"{', '.join(CLUSCAM_PRESETS)}, the authors' code is 'code'"
         )
     return CLUSCAM_PRESETS[name]
 

@@ -8,14 +8,16 @@ import torch
 from torch import nn
 
 from saliency.errors import ConfigurationError
+from saliency.gradients import _check_classes, score_gradients
 from saliency.layers import default_layer
-from saliency.methods._contrastive import Selector, reference_gradients
+from saliency.methods._contrastive import Selector, reference_gradients, select_references
 from saliency.methods.base import SaliencyMethod
 from saliency.methods.gradient_cams import GradCAM, GradCAMPlusPlus, GradientCAM, LayerCAM
 from saliency.methods.registry import register_method
 from saliency.targets import LogitNeighbours
 
-Weighting = Literal["mean", "softmax"]
+Weighting = Literal["mean", "softmax", "softmax_constant"]
+WEIGHTINGS = ("mean", "softmax", "softmax_constant")
 _BASES: dict[str, type[GradientCAM]] = {
     "grad_cam": GradCAM,
     "layer_cam": LayerCAM,
@@ -34,10 +36,15 @@ class FinerCAM(SaliencyMethod):
     ``L^c = ReLU(1/T Σ_t Σ_k α_k^{c,t} A^k)``. ``γ = 0`` gives the base CAM.
 
     ``weighting="mean"`` (default, the paper): plain mean, ``gamma`` defaults to 0.6.
-    ``weighting="softmax"`` (the later reference code, ``FinerWeightedTarget``): the base CAM of
-    the gradient of ``Σ_t p_t (y_c − γ y_t) / (Σ_t p_t + 1e-9)`` with ``p = softmax(logits)``,
-    ``gamma`` defaults to 1. Here the weights ``p_t`` are constants; the reference code also
-    back-propagates through the softmax, which would need the gradients of all N classes.
+    ``weighting="softmax"`` (the authors' current code, ``FinerWeightedTarget``): the base CAM
+    of the gradient of ``S = Σ_t p_t (y_c − γ y_t) / (Σ_t p_t + 1e-9)`` with
+    ``p = softmax(logits)``, back-propagated through ``p`` as the code does (one backward per
+    target through the score); ``gamma`` defaults to 1 (the code's ``alpha``).
+    ``weighting="softmax_constant"`` (an option of this library): the same ``S`` with the
+    weights ``p_t`` held constant, ``Σ_t p_t (∇y_c − γ ∇y_t) / (Σ_t p_t + 1e-9)``.
+    References (``references``): :class:`~saliency.targets.LogitNeighbours` ``(3)`` by default,
+    the classes ranked just below the target (Table 2); ``LogitNeighbours(3, mode="nearest")``
+    is the authors' code's choice for a target that is not the top-1.
     ``base``: ``"grad_cam"`` | ``"layer_cam"`` | ``"grad_cam_pp"``. ``layout`` (``"nchw"``,
     ``"nhwc"``, ``"tokens"``, ``None`` = detect): how the layer's output becomes
     ``[B, C, h, w]`` (:mod:`saliency.feature_layout`); the paper's ViT layer is
@@ -59,10 +66,11 @@ class FinerCAM(SaliencyMethod):
             raise ConfigurationError(
                 f"finer_cam base {base!r} is not supported; choose one of {', '.join(_BASES)}"
             )
-        if weighting not in ("mean", "softmax"):
+        if weighting not in WEIGHTINGS:
             raise ConfigurationError(
-                f"finer_cam weighting must be 'mean' (paper) or 'softmax' (later code), got "
-                f"{weighting!r}"
+                f"finer_cam weighting must be 'mean' (paper), 'softmax' (the authors' code: "
+                f"gradients through the softmax weights) or 'softmax_constant' (the weights "
+                f"held constant), got {weighting!r}"
             )
         self.layer = layer if layer is not None else default_layer(model)
         self.base = _BASES[base](model, self.layer, layout=layout)  # validates layer, layout
@@ -72,6 +80,8 @@ class FinerCAM(SaliencyMethod):
         self.weighting = weighting
 
     def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        if self.weighting == "softmax":
+            return self._softmax_weighted(images, classes)
         captured, references = reference_gradients(
             self.model, images, self.layer, classes, self.references, self.layout
         )
@@ -91,3 +101,19 @@ class FinerCAM(SaliencyMethod):
             combined = (weights[..., None, None, None] * differences).sum(dim=2)
             maps = self.base.pre_relu(captured.activations, combined)
         return maps.relu()
+
+    def _softmax_weighted(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """The authors' code: the base CAM of ∇S with S differentiated through the softmax."""
+        classes = classes.to(images.device)
+
+        def score(logits: torch.Tensor) -> torch.Tensor:  # [B, N] → S per target, [B, K]
+            _check_classes(classes, logits.shape[1])
+            references = select_references(self.references, logits, classes)  # [B, K, T]
+            flat = references.flatten(1)
+            weights = logits.softmax(dim=1).gather(1, flat).view_as(references)  # not detached
+            others = logits.gather(1, flat).view_as(references)
+            differences = logits.gather(1, classes)[..., None] - self.gamma * others
+            return (weights * differences).sum(dim=2) / (weights.sum(dim=2) + 1e-9)
+
+        captured = score_gradients(self.model, images, self.layer, score, self.layout)
+        return self.base.pre_relu(captured.activations, captured.gradients).relu()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from saliency.feature_layout import check_layout, detect_layout
-from saliency.gradients import class_gradients
+from saliency.gradients import as_class_matrix, class_gradients
 from saliency.layers import capture_layer, default_layer, resolve_layer
 from saliency.methods.base import SaliencyMethod
 from saliency.methods.registry import register_method
@@ -31,8 +31,14 @@ class GradientCAM(SaliencyMethod):
         self.layout = check_layout(layout)
 
     def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return self.signed_maps(images, classes).relu()
+
+    def signed_maps(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """The maps before the final ReLU, ``[B, K, h, w]`` at the layer's resolution (what
+        Captum's ``LayerGradCam`` returns with its default ``relu_attributions=False``)."""
+        classes = as_class_matrix(classes, images.shape[0])
         captured = class_gradients(self.model, images, self.layer, classes, layout=self.layout)
-        return self.cam(captured.activations, captured.gradients)
+        return self.pre_relu(captured.activations, captured.gradients)
 
     def cam(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         """``[B, C, h, w]``, ``[B, K, C, h, w]`` → ``[B, K, h, w]``: ReLU of :meth:`pre_relu`."""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -32,6 +33,13 @@ def register_method(name: str) -> Callable[[MethodFactory], MethodFactory]:
 def list_methods() -> list[str]:
     """Names of every registered method, sorted."""
     return sorted(_REGISTRY)
+
+
+def method_options(name: str) -> frozenset[str]:
+    """The keyword arguments the factory registered as ``name`` accepts (its signature)."""
+    if name not in _REGISTRY:
+        raise UnknownMethodError(f"unknown saliency method {name!r}")
+    return frozenset(inspect.signature(_REGISTRY[name]).parameters)
 
 
 def create_method(name: str, model: nn.Module, layer: str | None = None, **kwargs: Any):

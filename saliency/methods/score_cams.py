@@ -293,7 +293,7 @@ class FinerScoreCAM(MaskedScoreCAM):
     """Score-based Finer-CAM (``finer_cam.md`` Sec. 3.2, Eq. 9, averaged as Eq. 8).
 
     For target c and references ``d_1..d_T`` (``references(logits, c)``, default the T = 3
-    classes with the nearest logits, :class:`~saliency.targets.LogitNeighbours`):
+    classes ranked just below the target, :class:`~saliency.targets.LogitNeighbours`):
     ``α_k^{c,t} = f(x ∘ H_k)^c − γ f(x ∘ H_k)^{d_t} − f(x_b)^c`` with ``f`` the logit and
     ``x_b`` the zero image; the maps are averaged over the references before the ReLU, which
     for this linear combination is ``L^c = ReLU(Σ_k (1/T Σ_t α_k^{c,t}) A_k)``. ``γ = 0``

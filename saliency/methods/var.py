@@ -13,6 +13,7 @@ from torch import nn
 from saliency.errors import ConfigurationError, UnknownMethodError
 from saliency.gradients import as_class_matrix
 from saliency.methods.base import SaliencyMethod, check_batch_fields, upsample
+from saliency.methods.gradient_cams import GradientCAM
 from saliency.methods.registry import create_method, register_method
 from saliency.targets import ClassSet
 
@@ -41,6 +42,12 @@ class VAR(SaliencyMethod):
     softmax and the threshold of the code; the output is taken to have the paper's form
     ``H_{c*} ⊙ q_{c*} ⊙ mask`` with this q and mask (the closest reading). The absolute value
     makes strongly negative evidence (signed maps such as Input×Gradient) count as dominance.
+
+    ``base_relu``: whether a gradient-CAM base (Grad-CAM, Grad-CAM++, LayerCAM, ...) enters
+    with its final ReLU. ``None`` (default) follows the mode: ``paper`` keeps the base method's
+    own map (ReLU'd); ``code`` uses the map before the ReLU, upsampled bilinearly, because the
+    code wraps Captum's ``LayerGradCam``, whose default ``relu_attributions=False`` returns
+    the signed Grad-CAM. ``False`` with a base that is not a gradient CAM is an error.
 
     Temperature: Eq. 2 DIVIDES the map by t (``exp(H/t)``), the default
     ``temperature_as="divisor"``; ``"factor"`` multiplies instead (``softmax(t·H)``, the
@@ -89,10 +96,21 @@ class VAR(SaliencyMethod):
         tau: float = 0.1,
         normalise: Normalise = "none",
         temperature_as: TemperatureRole = "divisor",
+        base_relu: bool | None = None,
     ) -> None:
         super().__init__(model)
         check_var_options(mode, temperatures, sharpening, tau, normalise, temperature_as)
         self.base = _build_base(model, layer, base, base_kwargs)
+        gradient_cam = isinstance(self.base, GradientCAM)
+        if base_relu is None:
+            base_relu = mode == "paper" or not gradient_cam
+        if not base_relu and not gradient_cam:
+            raise ConfigurationError(
+                f"var base_relu=False takes the base map before its final ReLU, which only "
+                f"gradient CAMs (grad_cam, grad_cam_pp, layer_cam, ...) separate; the base is "
+                f"{type(self.base).__name__}: drop base_relu"
+            )
+        self.base_relu = bool(base_relu)
         self.class_set = _as_class_set(ClassSet() if class_set is None else class_set)
         self.mode = mode
         self.temperatures = tuple(float(t) for t in temperatures)
@@ -144,7 +162,7 @@ class VAR(SaliencyMethod):
         sets = self.class_sets(images, classes, class_set)  # [B, K, K′]
         set_size = sets.shape[2]
         unique, inverse = _unique_per_row(sets.reshape(batch, -1))
-        maps = self.base(images, unique, **(fields or {}))  # ONE base call: [B, U, H, W]
+        maps = self._base_maps(images, unique, fields or {})  # ONE base call: [B, U, H, W]
         if maps.shape[-2:] != images.shape[-2:]:
             maps = upsample(maps, images.shape[-2:])
         rows = torch.arange(batch, device=maps.device)[:, None]
@@ -159,6 +177,13 @@ class VAR(SaliencyMethod):
             normalise=self.normalise,
             temperature_as=self.temperature_as,
         )
+
+    def _base_maps(
+        self, images: torch.Tensor, classes: torch.Tensor, fields: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        if self.base_relu:
+            return self.base(images, classes, **fields)
+        return self.base.signed_maps(images, classes)  # upsampled by the caller
 
     def class_sets(
         self,
@@ -214,7 +239,8 @@ class VAR(SaliencyMethod):
         return (
             f"VAR(base={self.base!r}, class_set={self.class_set!r}, mode={self.mode!r}, "
             f"temperatures={self.temperatures}, sharpening={self.sharpening}, tau={self.tau}, "
-            f"normalise={self.normalise!r}, temperature_as={self.temperature_as!r})"
+            f"normalise={self.normalise!r}, temperature_as={self.temperature_as!r}, "
+            f"base_relu={self.base_relu})"
         )
 
 
