@@ -415,3 +415,16 @@ def test_per_sample_values_keeps_row_shape():
     assert indices.shape == (0,) and values.shape == (0, 2)
     with pytest.raises(ValueError, match="rows of one shape"):
         declared.update(torch.zeros(1, 3), torch.tensor([0]))
+
+
+def test_per_sample_values_of_a_single_sample_keep_their_shapes():
+    """torchmetrics squeezes one-element results to 0-d; an evaluation that explains one
+    sample (e.g. correct_only on a weak model) must still get [1] indices and [1] values."""
+    scalars = PerSampleValues(row_shape=())
+    scalars.update(torch.tensor([0.25]), torch.tensor([7]))
+    indices, values = scalars.compute()
+    assert indices.shape == (1,) and values.shape == (1,)
+    assert indices.tolist() == [7] and values.tolist() == [0.25]
+    rows = PerSampleValues(row_shape=(1,))
+    rows.update(torch.tensor([[0.5]]), torch.tensor([3]))
+    assert [t.shape for t in rows.compute()] == [(1,), (1, 1)]

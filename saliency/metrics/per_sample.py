@@ -10,6 +10,7 @@ so results with ``devices=2`` equal those with ``devices=1``. Whole maps never e
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -172,6 +173,18 @@ class PerSampleValues(_IndexedRows):
         row_shape = self._row_shape or ()
         indices, rows = self._unique_rows(math.prod(row_shape))
         return indices, rows.reshape(-1, *row_shape)
+
+    def _wrap_compute(self, compute: Callable) -> Callable:
+        # torchmetrics squeezes one-element results to 0-d tensors; a split with a single
+        # evaluated sample must still give ``[1]`` indices and ``[1, *row_shape]`` values.
+        wrapped = super()._wrap_compute(compute)
+
+        @functools.wraps(wrapped)
+        def keep_shapes(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            indices, values = wrapped(*args, **kwargs)
+            return indices.reshape(-1), values.reshape(-1, *(self._row_shape or ()))
+
+        return keep_shapes
 
     def reset(self) -> None:
         super().reset()
