@@ -86,9 +86,15 @@ class _Combination:
         return tuple(getattr(self.method, "batch_fields", ()))
 
     def maps(
-        self, images: torch.Tensor, classes: torch.Tensor, batch: dict[str, Any], **kwargs: Any
+        self,
+        images: torch.Tensor,
+        classes: torch.Tensor,
+        batch: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        fields = {name: batch[name] for name in self.batch_fields}
+        """The method's maps; ``batch`` supplies the fields it declares (none: no fields)."""
+        batch = batch or {}
+        fields = {name: batch[name] for name in self.batch_fields if name in batch}
         return self.method(images, classes, **fields, **kwargs)
 
 
