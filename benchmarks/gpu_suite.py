@@ -171,10 +171,7 @@ CPU_QUICK = Profile(
     cams=("grad_cam", "case", "finer_cam", "var"),
     budgets={"tests": 45, "cams": 8, "study": 40, "metrics": 8, "score_cams": 6, "vit": 6,
              "input_gradients": 4, "perturbation": 4},
-    # the cpu parametrisations; float16 autocast (slow on CPUs, used on GPUs only) and the
-    # deterministic train.py run (on CPU: tests/test_cli.py::test_seed_is_honoured) are left
-    # to the full CPU run (--device cpu without --quick) and to the slow-marked default suite
-    tests=("tests/test_gpu.py", "-m", "not gpu", "-k", "not float16 and not deterministic"),
+    tests=("tests/test_gpu.py", "-m", "not gpu"),  # the cpu parametrisations, slow ones too
     test_timeout_s=150,
     # one thread: tiny tensors on a shared, oversubscribed 2-core machine run several times
     # faster than with two spinning threads
@@ -190,7 +187,7 @@ def profile_for(device: torch.device, quick: bool) -> Profile:
     # A full run on CPU is the GPU profile on the CPU (hours): the sizes say what is measured.
     if quick:
         return CPU_QUICK
-    return dataclasses.replace(CUDA_FULL, tests=("tests/test_gpu.py", "-m", "not gpu"))
+    return dataclasses.replace(CUDA_FULL, tests=CPU_QUICK.tests)
 
 
 # ------------------------------------------------------------------------------- steps
@@ -220,7 +217,8 @@ def step_tests(profile: Profile, device: torch.device, output: Path) -> Job:
             ],
         }
 
-    return Job(command, profile.test_timeout_s, finish)
+    # deterministic cuBLAS needs its workspace fixed before the process first uses cuBLAS
+    return Job(command, profile.test_timeout_s, finish, {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"})
 
 
 def _throughput(
@@ -533,11 +531,19 @@ class Job:
     repository root (stdout and stderr to ``log``); a thread records when it ends, so its wall
     time is right even when the suite collects it later (concurrent CPU mode)."""
 
-    def __init__(self, command: list[str], timeout: int, finish: Callable[..., dict[str, Any]]):
+    def __init__(
+        self,
+        command: list[str],
+        timeout: int,
+        finish: Callable[..., dict[str, Any]],
+        environment: dict[str, str] | None = None,
+    ) -> None:
         self.command, self.timeout, self.finish = command, timeout, finish
+        self.environment = environment or {}
 
     def start(self, log: Path, threads: int | None) -> Job:
         environment_ = os.environ | {"WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+        environment_ |= self.environment
         if threads is not None:
             environment_ |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.log = log
