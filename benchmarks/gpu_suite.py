@@ -4,6 +4,7 @@
     bash benchmarks/gpu_suite.sh --quick                  # CUDA, ≤ 3 min (estimate)
     bash benchmarks/gpu_suite.sh --device cpu --quick     # CI-sized, the same code paths (≤ 2 min)
     bash benchmarks/gpu_suite.sh --steps tests study      # only some steps (e.g. a second window)
+    bash benchmarks/gpu_suite.sh --deadline 540           # start no step that would end after 9 min
 
 Steps, in this order (each writes ``<step>.json`` under ``--output``, default
 ``benchmarks/results/gpu/``; ``suite.json`` is rewritten after every step, so a run cut off
@@ -509,7 +510,7 @@ def step_study(profile: Profile, device: torch.device, output: Path) -> Job:
         ]  # fmt: skip
         return result
 
-    return Job(command, int(4 * profile.budgets.get("study", 60)) + 120, finish)
+    return Job(command, int(2 * profile.budgets.get("study", 60)) + 60, finish)
 
 
 STEP_FUNCTIONS: dict[str, Callable[[Profile, torch.device, Path], dict[str, Any] | Job]] = {
@@ -606,6 +607,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps and sizes")
     parser.add_argument("--output", default="benchmarks/results/gpu", help="JSON folder")
     parser.add_argument("--steps", nargs="*", choices=STEPS, default=None, help="default: all")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds: do not start a step whose budget would end later (a fixed GPU window); "
+        "such steps are recorded as not run and the exit status is 1",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -647,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(suite, output / "suite.json")
 
     try:
-        _run_steps(steps, profile, device, output, pending, record)
+        _run_steps(steps, profile, device, output, pending, record, args.deadline)
     finally:  # interrupted: stop the subprocesses this run started
         for job, _ in pending.values():
             if job.process.poll() is None:
@@ -658,11 +666,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if suite["ok"] else 1
 
 
-def _run_steps(steps, profile, device, output, pending, record) -> None:
-    """Run ``steps`` in order; subprocess steps of a concurrent profile are collected last."""
+def _run_steps(steps, profile, device, output, pending, record, deadline) -> None:
+    """Run ``steps`` in order; subprocess steps of a concurrent profile are collected last.
+    A step whose budget would end after ``deadline`` (seconds from now) is not started."""
+    start = time.perf_counter()
     for name in steps:
         print(f"\n=== {name} ===", flush=True)
         step_start = time.perf_counter()
+        budget = profile.budgets.get(name, 0.0)
+        if deadline is not None and step_start - start + budget > deadline:
+            reason = f"not started: {step_start - start:.0f} s + budget {budget:.0f} s > --deadline {deadline:.0f} s"
+            print(f"  {reason}", flush=True)
+            record(name, {"ok": False, "skipped": reason}, 0.0)
+            continue
         try:
             result = STEP_FUNCTIONS[name](profile, device, output)
             if isinstance(result, Job):
@@ -696,7 +712,8 @@ def _print_summary(suite: dict[str, Any], output: Path) -> None:
     rows = []
     for name, step in suite["steps"].items():
         rows.append(
-            {"step": name, "item": "status", "figure": "PASS" if step["ok"] else "FAIL",
+            {"step": name, "item": "status",
+             "figure": "NOT RUN" if "skipped" in step else "PASS" if step["ok"] else "FAIL",
              "value": step["seconds"], "budget_s": step["budget_seconds"]}
         )  # fmt: skip
         for row in step.get("summary", []):
