@@ -677,7 +677,7 @@ def _run_steps(steps, profile, device, output, pending, record, deadline) -> Non
         if deadline is not None and step_start - start + budget > deadline:
             reason = f"not started: {step_start - start:.0f} s + budget {budget:.0f} s > --deadline {deadline:.0f} s"
             print(f"  {reason}", flush=True)
-            record(name, {"ok": False, "skipped": reason}, 0.0)
+            record(name, {"ok": False, "not_run": reason}, 0.0)
             continue
         try:
             result = STEP_FUNCTIONS[name](profile, device, output)
@@ -713,7 +713,7 @@ def _print_summary(suite: dict[str, Any], output: Path) -> None:
     for name, step in suite["steps"].items():
         rows.append(
             {"step": name, "item": "status",
-             "figure": "NOT RUN" if "skipped" in step else "PASS" if step["ok"] else "FAIL",
+             "figure": "NOT RUN" if "not_run" in step else "PASS" if step["ok"] else "FAIL",
              "value": step["seconds"], "budget_s": step["budget_seconds"]}
         )  # fmt: skip
         for row in step.get("summary", []):
