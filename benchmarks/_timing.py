@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -34,6 +36,38 @@ def median_seconds(
     return statistics.median(times)
 
 
+class PeakMemory:
+    """Peak CUDA memory while the ``with`` block runs (``None`` on other devices): ``peak_mib``
+    = most memory allocated at once; ``extra_mib`` = that minus what was allocated on entry
+    (the model and the inputs), i.e. what the measured calls themselves needed."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mib: float | None = None
+        self.extra_mib: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak_mib = peak / 2**20
+            self.extra_mib = (peak - self._start) / 2**20
+
+
+def load_average() -> float | None:
+    """1-minute load average (other processes on a shared machine slow every number)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return os.getloadavg()[0]
+    return None
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
     info: dict[str, Any] = {
@@ -45,6 +79,12 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["gpu_memory_gib"] = torch.cuda.get_device_properties(device).total_memory / 2**30
+        # TF32 changes fp32 results and speed: record what the numbers were measured with
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info
 
 

@@ -26,7 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._timing import environment, median_seconds, print_checks, print_table, write_json
+from benchmarks._timing import (
+    PeakMemory,
+    environment,
+    median_seconds,
+    print_checks,
+    print_table,
+    write_json,
+)
 from saliency.methods.caap import CAAP
 
 
@@ -97,13 +104,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     maps: dict[str, torch.Tensor] = {}
     for name, (kwargs, repeats, warmup) in variants.items():
         method = CAAP(model, selection=args.selection, **kwargs)
-        seconds, maps[name] = timed(method, images, classes, device, repeats, warmup)
+        with PeakMemory(device) as memory:
+            seconds, maps[name] = timed(method, images, classes, device, repeats, warmup)
         rows.append(
             {
                 "variant": name,
                 "seconds": seconds,
                 "images_per_s": args.batch_size / seconds,
                 "forwards": seconds / forward_s,
+                "peak_memory_mib": memory.peak_mib,
             }
         )
         print(f"  {name}: {seconds:.3f} s", file=sys.stderr)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import saliency.methods.score_cams  # noqa: F401  (registers score_cam, ablation_cam)
 from benchmarks._timing import (
+    PeakMemory,
     environment,
     median_seconds,
     print_checks,
@@ -135,18 +136,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def timed(k: int, m: Callable = method) -> float:
             return median_seconds(lambda: m(images, classes[:, :k]), device, args.repeats, 0)
 
-        rows.append(
-            _row(name, implementation, timed(1), timed(args.classes), args.batch_size, forward_s)
-        )
+        with PeakMemory(device) as memory:
+            one, many = timed(1), timed(args.classes)
+        rows.append(_row(name, implementation, one, many, args.batch_size, forward_s))
+        rows[-1]["peak_memory_mib"] = memory.peak_mib
         print(f"  {name} ({implementation}) done", file=sys.stderr)
         if implementation == "ours" and not args.no_library:
             cam = library_cam(name, model, layer_module, args.forward_batch)
             try:
-                one, many = library_seconds(cam, images, classes, device, args.repeats)
+                with PeakMemory(device) as memory:
+                    one, many = library_seconds(cam, images, classes, device, args.repeats)
             finally:
                 cam.activations_and_grads.release()
             model.zero_grad(set_to_none=True)
             rows.append(_row(name, "pytorch-grad-cam", one, many, args.batch_size, forward_s))
+            rows[-1]["peak_memory_mib"] = memory.peak_mib
             print(f"  {name} (pytorch-grad-cam) done", file=sys.stderr)
 
     checks: dict[str, bool] = {}

@@ -144,11 +144,22 @@ def _layer_gradients(
             for k in range(count)
         ]
     return LayerGradients(
-        activations=grid.to_grid(activations.detach()).contiguous(),
-        logits=logits.detach(),
+        activations=_at_least_float32(grid.to_grid(activations.detach()).contiguous()),
+        logits=_at_least_float32(logits.detach()),
         classes=None,
-        gradients=grid.gradients_to_grid(torch.stack(gradients, dim=1)).contiguous(),
+        gradients=_at_least_float32(
+            grid.gradients_to_grid(torch.stack(gradients, dim=1)).contiguous()
+        ),
     )
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision results (from a model run under ``torch.autocast``) as float32, so the
+    CAM formulas that follow do not lose them to float16 underflow (Grad-CAM++ cubes the
+    gradients: a float16 gradient of 1e-3 cubed is below float16's smallest normal number)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return tensor.float()
+    return tensor
 
 
 def _check_classes(classes: torch.Tensor, num_outputs: int) -> None:
