@@ -18,6 +18,7 @@ from typing import Any, Literal
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from lightning_modules.group_files import route_group_files
 from saliency.errors import ConfigurationError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -53,6 +54,16 @@ class ProjectCLI(LightningCLI):
     """LightningCLI with a run directory, CSV + W&B loggers and checkpoints placed in it."""
 
     job_type = "train"
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse ``args`` (``None``: the command line) after routing group config files
+        (``--data configs/data/X.yaml`` or ``--config configs/data/X.yaml``; see
+        :mod:`lightning_modules.group_files`)."""
+        if args is None:
+            args = sys.argv[1:]
+        if not isinstance(args, list | tuple):  # a dict or Namespace: no files to route
+            return super().parse_arguments(parser, args)
+        self.config = parser.parse_args(route_group_files(args))
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
