@@ -341,6 +341,12 @@ class SaliencyEvaluationCallback(L.Callback):
             directory = Path(self.output_dir or trainer.default_root_dir)
             self._staging = StagedResults(directory)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A failed evaluation leaves no staging directory behind."""
+        staging = getattr(self, "_staging", None)
+        if staging is not None:
+            staging.discard()
+
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from lightning_modules.torch_files import load_torch_file
 from saliency.errors import ConfigurationError, closest
 
 SOURCES = ("small_cnn", "timm:<model name>", "torchvision:<model name>")
@@ -134,7 +134,7 @@ def load_weights(model: nn.Module, weights_path: str) -> None:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, "a state dict (torch.save(model.state_dict(), FILE))")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     try:

@@ -4,7 +4,6 @@ backbone by name with a linear-probe head."""
 from __future__ import annotations
 
 import contextvars
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from lightning_modules.probe_classifier import (
     build_feature_backbone,
     load_linear_head,
 )
+from lightning_modules.torch_files import load_torch_file
 from saliency.errors import ConfigurationError
 
 
@@ -296,9 +296,17 @@ def _probe(
         ) from error
 
 
+TRAIN_CHECKPOINT = (
+    "a train.py checkpoint (outputs/<run>/checkpoints/last.ckpt: a dict with state_dict and "
+    "hyper_parameters)"
+)
+
+
 def load_classifier(path: Path) -> ClassifierModule | LinearProbeModule:
     """A ``train.py`` checkpoint as its module: a :class:`LinearProbeModule` when the checkpoint
-    names that class (``CHECKPOINT_CLASS_KEY``), else a :class:`ClassifierModule`."""
+    names that class (``CHECKPOINT_CLASS_KEY``), else a :class:`ClassifierModule`. A file that
+    is not such a checkpoint (empty, corrupt, a bare state dict, pickled objects) is a
+    :class:`ConfigurationError` naming it."""
     module_class, overrides = ClassifierModule, {}
     if _checkpoint_class(path) == f"{LinearProbeModule.__module__}.{LinearProbeModule.__name__}":
         # The checkpoint holds the backbone's weights: do not fetch pretrained ones or read
@@ -310,20 +318,31 @@ def load_classifier(path: Path) -> ClassifierModule | LinearProbeModule:
         classifier = contextvars.Context().run(
             module_class.load_from_checkpoint, path, map_location="cpu", **overrides
         )
-    except (KeyError, RuntimeError, EOFError, OSError) as error:
+    except (KeyError, RuntimeError, EOFError, OSError, TypeError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
         raise ConfigurationError(
             f"cannot load checkpoint {path} as a {module_class.__name__}: "
-            f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            f"{type(error).__name__}: {first}; expected {TRAIN_CHECKPOINT}"
         ) from error
     classifier.eval()
     return classifier
 
 
 def _checkpoint_class(path: Path) -> str | None:
-    """The module class a checkpoint names, read without loading its tensors (memory-mapped);
-    None when it names none or cannot be peeked at (the full load then reports the problem)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
-        return None
-    return checkpoint.get(CHECKPOINT_CLASS_KEY) if isinstance(checkpoint, dict) else None
+    """The module class a checkpoint names (None: the default), read without loading its
+    tensors (memory-mapped); a :class:`ConfigurationError` when the file is not a readable
+    ``train.py`` checkpoint."""
+    checkpoint = load_torch_file(path, TRAIN_CHECKPOINT, mmap=True)
+    required = ("state_dict", "hyper_parameters")
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in required):
+        held = (
+            f"a dict with keys {', '.join(map(str, list(checkpoint)[:6])) or '(none)'}"
+            if isinstance(checkpoint, dict)
+            else f"a {type(checkpoint).__name__}"
+        )
+        raise ConfigurationError(
+            f"{path}: a PyTorch file but not a train.py checkpoint (it holds {held}); expected "
+            f"{TRAIN_CHECKPOINT}. Weights of a network by name go to --model.model_name NAME "
+            f"--model.weights_path FILE"
+        )
+    return checkpoint.get(CHECKPOINT_CLASS_KEY)
