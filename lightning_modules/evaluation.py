@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_modules.backbones import build_backbone
@@ -52,7 +53,8 @@ class SaliencyEvaluationModule(L.LightningModule):
         num_classes: classes of a model by name (needed unless ``pretrained`` weights define
             them); for a checkpoint or probe head, a guard that must equal theirs.
         outputs_dir: where to look for the newest checkpoint.
-        model_name: ``timm:<name>``, ``torchvision:<name>`` or ``small_cnn`` (see
+        model_name: ``timm:<name>``, ``torchvision:<name>``, ``hf:<repo id or directory>``
+            (a Hugging Face image classifier) or ``small_cnn`` (see
             :func:`~lightning_modules.backbones.build_backbone`).
         pretrained: start from the library's default weights (local cache only offline).
         weights_path: a state-dict file loaded into the network (for a probe: the backbone
@@ -209,6 +211,34 @@ class SaliencyEvaluationModule(L.LightningModule):
                 f"the data has {data_classes} classes but {self.source_description} predicts "
                 f"{self.num_classes}: evaluate on the dataset the model was trained on"
             )
+        mismatch = _processor_mismatch(self.model_name, self.trainer.datamodule)
+        if mismatch:
+            rank_zero_warn(mismatch)
+
+
+def _processor_mismatch(model_name: str | None, datamodule) -> str | None:
+    """For a Hugging Face model: how the data's transform differs from the model's image
+    processor (size, mean, std), or None (same, no processor config, or not an ``hf:`` model)."""
+    config = getattr(datamodule, "transform_config", None)
+    if model_name is None or not model_name.startswith("hf:") or config is None:
+        return None
+    from datamodules.transforms import config_from_image_processor
+
+    try:
+        expected = config_from_image_processor(model_name)
+    except ConfigurationError:
+        return None
+    differs = [
+        f"{key} {getattr(config, key)} (processor: {getattr(expected, key)})"
+        for key in ("image_size", "mean", "std")
+        if getattr(config, key) != getattr(expected, key)
+    ]
+    if not differs:
+        return None
+    return (
+        f"the data transform differs from {model_name}'s image processor: {'; '.join(differs)}; "
+        f"pass --data.transform_from_model {model_name} to use the processor's"
+    )
 
 
 def _check_source_arguments(
@@ -251,7 +281,7 @@ def _check_source_arguments(
 
 def _pretrained_num_classes(model_name: str) -> int:
     """Classes of the library's default pretrained weights of ``model_name`` (timm: the
-    pretrained config; torchvision: the default weights' categories)."""
+    pretrained config; torchvision: the default weights' categories; hf: the model's config)."""
     source, _, name = model_name.partition(":")
     count: int | None = None
     known = False
@@ -268,6 +298,10 @@ def _pretrained_num_classes(model_name: str) -> int:
         if known:
             meta = torchvision.models.get_model_weights(name).DEFAULT.meta
             count = len(meta["categories"]) if "categories" in meta else None
+    elif source == "hf":
+        from lightning_modules.backbones import hf_config
+
+        known, count = True, int(hf_config(model_name).num_labels)
     if not known:
         # Unknown model or a source without pretrained weights: build_backbone explains which.
         build_backbone(model_name, 1, pretrained=True)
