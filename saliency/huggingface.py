@@ -56,6 +56,7 @@ class HuggingFaceClassifier(nn.Module):
                 f"num_labels); load one with AutoModelForImageClassification"
             )
         self.hf = model
+        self.train(model.training)  # the wrapper follows the model's mode
         self.num_classes = int(config.num_labels)
         parameters = inspect.signature(model.forward).parameters
         self._interpolate = "interpolate_pos_encoding" in parameters
