@@ -52,6 +52,17 @@ class MetricSpec:
     label: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
+    def as_config(self) -> str | dict[str, Any]:
+        """The ``evaluation.metrics`` entry that gives this spec back."""
+        if self.label == self.name and not self.kwargs:
+            return self.name
+        entry: dict[str, Any] = {"name": self.name}
+        if self.label != self.name:
+            entry["label"] = self.label
+        if self.kwargs:
+            entry["kwargs"] = dict(self.kwargs)
+        return entry
+
 
 def _entry(entry: str | Mapping[str, Any], what: str) -> tuple[str, str, dict[str, Any]]:
     if isinstance(entry, str):

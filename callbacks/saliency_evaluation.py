@@ -27,11 +27,13 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.evaluation_metrics import CURVE_POINTS, METRICS, MetricContext
 from callbacks.evaluation_spec import (
     MethodSpec,
+    MetricSpec,
     parse_methods,
     parse_metrics,
     resolve_selectors,
@@ -190,15 +192,7 @@ class SaliencyEvaluationCallback(L.Callback):
                     f"dataset gives only {sorted(keys)}; use a grid datamodule "
                     f"(e.g. configs/data/quad_shapes.yaml) or drop the policy"
                 )
-        for spec in self.metric_specs:
-            needed = METRICS[spec.name].needed_keys(spec.kwargs)
-            missing = [k for k in needed if k not in keys]
-            if missing:
-                raise ConfigurationError(
-                    f"metric {spec.label!r} needs {missing} (masks/boxes) in each sample, but "
-                    f"the dataset gives only {sorted(keys)}; drop the metric or choose a dataset "
-                    f"with annotations (shapes, CUB, COCO)"
-                )
+        _check_metric_keys(self.metric_specs, keys)
         matrix = self.confusion_matrix or confusion_matrix
         if isinstance(matrix, str) and matrix == CONFUSION_FROM_VALIDATION:
             raise ConfigurationError(
@@ -803,4 +797,28 @@ def _log_to_run(run, callback: SaliencyEvaluationCallback, plot_paths, gallery_p
             **{f"eval/plots/{p.stem}": wandb.Image(str(p)) for p in plot_paths},
             **{f"eval/gallery/{p.stem}": wandb.Image(str(p)) for p in gallery_paths},
         }
+    )
+
+
+def _check_metric_keys(specs: list[MetricSpec], keys: set[str]) -> None:
+    """Every metric whose masks/boxes the samples lack, in one error, with the
+    ``--evaluation.metrics`` value of the metrics that would run."""
+    missing = {
+        spec.label: [k for k in METRICS[spec.name].needed_keys(spec.kwargs) if k not in keys]
+        for spec in specs
+    }
+    missing = {label: needed for label, needed in missing.items() if needed}
+    if not missing:
+        return
+    lacking = "; ".join(f"{label!r} needs {needed}" for label, needed in missing.items())
+    kept = [spec.as_config() for spec in specs if spec.label not in missing]
+    remedy = (
+        f"drop them: --evaluation.metrics '{yaml.safe_dump(kept, default_flow_style=True, sort_keys=False, width=10**6).strip()}'"
+        if kept
+        else "no metric of this study runs on it: choose a study without mask metrics "
+        "(e.g. configs/evaluate/fidelity.yaml)"
+    )
+    raise ConfigurationError(
+        f"the dataset's samples give only {sorted(keys)} (no masks/boxes for): {lacking}; "
+        f"{remedy}, or use a dataset with these annotations (shapes, CUB, COCO, ImageNet-S)"
     )
