@@ -66,15 +66,60 @@ def test_documented_command_parses(command, fabricated, capsys, monkeypatch):
     for arguments in variants:
         arguments = _prepare(arguments, fabricated)
         if command.kind in ENTRY_POINTS:
-            with pytest.raises(SystemExit) as exit_info:
-                ENTRY_POINTS[command.kind].main([*arguments, "--print_config"])
-            printed = capsys.readouterr()
-            assert exit_info.value.code in (0, None), (
+            code, printed = _print_config(command.kind, arguments, capsys)
+            assert code in (0, None), (
                 f"{command.source}: {command.text}\nparsed as {arguments}\n{printed.err[-2000:]}"
             )
             assert ("usage:" if "--help" in arguments else "trainer:") in printed.out
         else:
             _check_experiment(command, arguments, capsys)
+
+
+def _print_config(kind: str, arguments: list[str], capsys):
+    """Exit code and captured output of ``<kind> *arguments --print_config``."""
+    with pytest.raises(SystemExit) as exit_info:
+        ENTRY_POINTS[kind].main([*arguments, "--print_config"])
+    return exit_info.value.code, capsys.readouterr()
+
+
+def test_a_broken_documented_command_is_found_and_fails(tmp_path, capsys, monkeypatch):
+    """The collection finds continued lines and ``...`` fragments, and a command with an
+    unknown option does not parse (so this test can fail)."""
+    (tmp_path / "configs" / "evaluate").mkdir(parents=True)
+    (tmp_path / "configs" / "data").mkdir()
+    (tmp_path / "configs" / "data" / "shapes.yaml").write_text(
+        (REPO / "configs" / "data" / "shapes.yaml").read_text()
+    )
+    (tmp_path / "README.md").write_text(
+        "```bash\nuv run python evaluate.py --evaluation.gallery_size 2 \\\n"
+        "    --evaluation.galery_size 3   # a typo\n```\n"
+    )
+    (tmp_path / "configs" / "evaluate" / "study.yaml").write_text(
+        "#   uv run python evaluate.py --config configs/evaluate/study.yaml\n"
+        "#   ... --data configs/data/shapes.yaml\n"
+        "#       --data.batch_sise 3\n"
+        "evaluation:\n  gallery_size: 1\n"
+    )
+    found = {c.source: c for c in collect(tmp_path)}
+    assert set(found) == {
+        "README.md:2",
+        "configs/evaluate/study.yaml:1",
+        "configs/evaluate/study.yaml:2",
+    }
+    typo = found["README.md:2"]
+    assert typo.variants() == [["--evaluation.gallery_size", "2", "--evaluation.galery_size", "3"]]
+    fragment = found["configs/evaluate/study.yaml:2"]
+    assert fragment.kind == "evaluate.py"
+    assert fragment.variants() == [[
+        "--config", "configs/evaluate/study.yaml", "--data", "configs/data/shapes.yaml",
+        "--data.batch_sise", "3",
+    ]]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    whole = found["configs/evaluate/study.yaml:1"]
+    assert _print_config("evaluate.py", whole.variants()[0], capsys)[0] in (0, None)
+    for broken, unknown in ((typo, "galery_size"), (fragment, "batch_sise")):
+        code, printed = _print_config("evaluate.py", broken.variants()[0], capsys)
+        assert code not in (0, None) and unknown in printed.err
 
 
 def _check_experiment(command, arguments: list[str], capsys) -> None:
