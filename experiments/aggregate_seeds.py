@@ -47,6 +47,7 @@ from experiments.compare_runs import (
     comparison_table,
     load_runs,
     log_to_wandb,
+    print_outputs,
     write_comparison,
 )
 from experiments.seed_tables import (
@@ -425,11 +426,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     print(
         f"total: evaluations {evaluated:.1f} s, aggregation {time.perf_counter() - started - evaluated:.1f} s"
     )
-    print(f"\n{context}\noutput: {output}")
-    for path in paths.values():
-        print(f"  {path}")
-    if wandb_dir is not None:
-        print(f"  {wandb_dir}  (upload: wandb sync {wandb_dir})")
+    print(f"\n{context}")
+    print_outputs(output, paths, wandb_dir)
     return tables
 
 

@@ -425,12 +425,19 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
              "ci_high", "n_paired", "t_p_holm"]  # fmt: skip
     with pd.option_context("display.width", 200, "display.float_format", "{:.4g}".format):
         print(table[shown].to_string(index=False))
+    print_outputs(output, paths, wandb_dir, f"; W&B group {group!r}")
+    return table
+
+
+def print_outputs(
+    output: Path, paths: Mapping[str, Path], wandb_dir: Path | None, note: str = ""
+) -> None:
+    """The files a cross-run command wrote, and how to upload its W&B run."""
     print(f"\noutput: {output}")
     for path in paths.values():
         print(f"  {path}")
     if wandb_dir is not None:
-        print(f"  {wandb_dir}  (upload: wandb sync {wandb_dir}; W&B group {group!r})")
-    return table
+        print(f"  {wandb_dir}  (upload: wandb sync {wandb_dir}{note})")
 
 
 def _default_name(labels: Sequence[str]) -> str:
