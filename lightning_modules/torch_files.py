@@ -51,7 +51,7 @@ def load_torch_file(path: str | Path, expected: str, *, mmap: bool = False) -> A
         IndexError,
         zipfile.BadZipFile,
     ) as error:
-        first = (str(error).strip().splitlines() or [""])[0][:160]
+        first = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
         if "weights_only" in first:
             first = "unreadable"
         raise ConfigurationError(
