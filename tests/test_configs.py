@@ -53,3 +53,17 @@ def test_every_data_config_works_with_the_data_flag(entry, config, capsys):
     printed = capsys.readouterr().out
     class_path = yaml.safe_load(config.read_text())["class_path"]
     assert f"class_path: {class_path}" in printed and "batch_size: 3" in printed
+
+
+def test_group_files_are_routed_to_the_flag_their_form_needs(tmp_path):
+    from lightning_modules.group_files import route_group_files
+
+    wrapped = tmp_path / "wrapped.yaml"  # a user's file in the older form, {data: {...}}
+    wrapped.write_text("data:\n  class_path: datamodules.ShapesDataModule\n")
+    data = str(CONFIGS / "data" / "cub.yaml")
+    routed = route_group_files(
+        ["--config", data, f"--data={wrapped}", "--data", "ShapesDataModule", "--seed", "3"]
+    )
+    assert routed == [
+        "--data", data, "--config", str(wrapped), "--data", "ShapesDataModule", "--seed", "3",
+    ]  # fmt: skip
