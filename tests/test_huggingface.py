@@ -293,3 +293,16 @@ def test_a_data_transform_that_differs_from_the_processor_is_named(saved):
     assert f"--data.transform_from_model {model}" in message
     matching = SimpleNamespace(transform_config=config_from_model(model))
     assert _processor_mismatch(model, matching) is None
+
+
+def test_train_py_backbone_hf_fine_tunes_with_a_new_head(saved, images):
+    """``--model.backbone hf:<dir>`` in train.py: a head of the new size, gradients reach the
+    HF model's own parameters."""
+    from lightning_modules.classifier import ClassifierModule
+
+    module = ClassifierModule(backbone=f"hf:{saved['resnet']}", num_classes=2, pretrained=True)
+    logits = module(images)
+    assert logits.shape == (2, 2)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    stem = module.model.hf.resnet.embedder.embedder.convolution.weight
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
