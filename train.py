@@ -59,9 +59,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if name.startswith("val/")
     }
     finish_wandb(trainer)
+    _require_checkpoint(cli.run_dir / "checkpoints", trainer)
     if trainer.is_global_zero:
         _report(cli.run_dir, metrics, trainer)
     return metrics
+
+
+def _require_checkpoint(folder, trainer) -> None:
+    """A run that trained nothing (``max_epochs 0``, ``limit_train_batches 0``, ...) writes no
+    checkpoint and so gives nothing to evaluate: say so instead of ending quietly."""
+    from saliency.errors import ConfigurationError
+
+    if any(folder.glob("*.ckpt")):
+        return
+    settings = ", ".join(
+        f"{name}={value}"
+        for name, value in (
+            ("max_epochs", trainer.max_epochs),
+            ("max_steps", trainer.max_steps),
+            ("limit_train_batches", trainer.limit_train_batches),
+        )
+    )
+    raise ConfigurationError(
+        f"training wrote no checkpoint into {folder} ({settings}; {trainer.global_step} "
+        f"optimizer steps): train for at least one step, e.g. --trainer.max_epochs 1"
+    )
 
 
 def _report(run_dir, metrics: dict[str, float], trainer) -> None:

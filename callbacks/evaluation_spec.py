@@ -31,13 +31,27 @@ _LABEL = re.compile(r"^[A-Za-z0-9_.@%+-]+$")
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    """A saliency method to build: registered ``name``, a unique ``label`` used in tables and
-    W&B keys, and constructor ``kwargs`` (selector mappings still unresolved)."""
-
+class _Spec:
     name: str
     label: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_config(self) -> str | dict[str, Any]:
+        """The ``evaluation.methods`` / ``evaluation.metrics`` entry that gives this spec back."""
+        if self.label == self.name and not self.kwargs:
+            return self.name
+        entry: dict[str, Any] = {"name": self.name}
+        if self.label != self.name:
+            entry["label"] = self.label
+        if self.kwargs:
+            entry["kwargs"] = dict(self.kwargs)
+        return entry
+
+
+@dataclass(frozen=True)
+class MethodSpec(_Spec):
+    """A saliency method to build: registered ``name``, a unique ``label`` used in tables and
+    W&B keys, and constructor ``kwargs`` (selector mappings still unresolved)."""
 
     @property
     def needs_confusion_matrix(self) -> bool:
@@ -45,13 +59,9 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
-class MetricSpec:
+class MetricSpec(_Spec):
     """A metric to compute: ``name`` from the evaluation metric table, a unique ``label``
     (prefix of the value names it produces) and its options."""
-
-    name: str
-    label: str
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _entry(entry: str | Mapping[str, Any], what: str) -> tuple[str, str, dict[str, Any]]:

@@ -7,6 +7,15 @@ file system), swaps whole directories (``plots/``, ``gallery/``), and moves ``re
 (removed by the next run); one killed while publishing leaves no ``manifest.json``, the file
 that marks a complete result (it lists every published file with its size). A rerun into the
 same run directory first removes the previous results, then publishes its own.
+
+Staging directories of failed runs never outlive them: an evaluation that fails removes its
+own (:meth:`StagedResults.discard`, called from the callback's ``on_exception``), and each new
+evaluation sweeps those of killed runs — in its own run directory and in the sibling run
+directories under the same parent (default run names are timestamped, so a killed run's
+directory is never reused). A staging directory records its owner (host and process id) in
+``owner.json``; it is stale when that process no longer runs on this host. One on another
+host is left alone (it may be running there), and one without ``owner.json`` (written by an
+older version) is stale once it is an hour old.
 """
 
 from __future__ import annotations
@@ -14,11 +23,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+STAGING_PREFIX = ".staging-"
+OWNER = "owner.json"
+_UNOWNED_STALE_AFTER_S = 3600
 LAST = ("report.md", MANIFEST)  # published after everything else, in this order
 RESULTS = (
     "per_sample.parquet", "summary.csv", "stats.csv", "curves.csv", "sanity_checks.csv",
@@ -32,10 +46,17 @@ class StagedResults:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.run_dir.glob(".staging-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        self.path = self.run_dir / f".staging-{uuid.uuid4().hex[:12]}"
+        for stale in self.run_dir.glob(f"{STAGING_PREFIX}*"):
+            shutil.rmtree(stale, ignore_errors=True)  # this run directory is ours now
+        sweep_stale_staging(self.run_dir.parent)
+        self.path = self.run_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
         self.path.mkdir()
+        owner = {"host": socket.gethostname(), "pid": os.getpid()}
+        (self.path / OWNER).write_text(json.dumps(owner))
+
+    def discard(self) -> None:
+        """Remove the staging directory and everything in it (the run failed)."""
+        shutil.rmtree(self.path, ignore_errors=True)
 
     def remove_previous_results(self) -> None:
         """Delete the results of an earlier run in this directory, manifest first, so no
@@ -55,7 +76,7 @@ class StagedResults:
         staged = sorted(self.path.iterdir(), key=lambda p: (order.get(p.name, 0), p.name))
         published = []
         for item in staged:
-            if item.name == MANIFEST:
+            if item.name in (MANIFEST, OWNER):
                 continue
             target = self.run_dir / item.name
             os.replace(item, target)
@@ -74,6 +95,42 @@ class StagedResults:
         write_atomically(self.run_dir / MANIFEST, json.dumps(manifest, indent=2))
         shutil.rmtree(self.path, ignore_errors=True)
         return [*published, self.run_dir / MANIFEST]
+
+
+def sweep_stale_staging(parent: Path) -> list[Path]:
+    """Remove the stale staging directories (see the module docstring) of the run directories
+    directly under ``parent``; returns those removed."""
+    removed = []
+    for staging in parent.glob(f"*/{STAGING_PREFIX}*"):
+        if staging.is_dir() and _is_stale(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
+    return removed
+
+
+def _is_stale(staging: Path) -> bool:
+    try:
+        owner = json.loads((staging / OWNER).read_text())
+    except (OSError, ValueError):
+        try:
+            return time.time() - staging.stat().st_mtime > _UNOWNED_STALE_AFTER_S
+        except OSError:
+            return False  # removed meanwhile
+    if owner.get("host") != socket.gethostname():
+        return False
+    return not _process_runs(int(owner.get("pid", -1)))
+
+
+def _process_runs(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    return True
 
 
 def write_atomically(path: Path, text: str) -> None:

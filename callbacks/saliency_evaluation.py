@@ -28,12 +28,14 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.evaluation_metrics import CURVE_POINTS, METRICS, MetricContext
 from callbacks.evaluation_spec import (
     MethodSpec,
     matrix_contrast_selectors,
+    MetricSpec,
     parse_methods,
     parse_metrics,
     resolve_selectors,
@@ -249,11 +251,6 @@ class SaliencyEvaluationCallback(L.Callback):
                 keys, policy.needs, f"target policy {policy.name!r}",
                 "use a grid datamodule (e.g. configs/data/quad_shapes.yaml) or drop the policy",
             )  # fmt: skip
-        for spec in self.metric_specs:
-            _require_keys(
-                keys, METRICS[spec.name].needed_keys(spec.kwargs), f"metric {spec.label!r}",
-                "drop the metric or choose a dataset with annotations (shapes, CUB, COCO)",
-            )  # fmt: skip
         matrix = self.confusion_matrix or confusion_matrix
         if isinstance(matrix, str) and matrix in (
             CONFUSION_FROM_VALIDATION,
@@ -268,13 +265,7 @@ class SaliencyEvaluationCallback(L.Callback):
         self._matrix = matrix
         self._normalisation = normalisation
         self.combinations = self._build(network, matrix)
-        for combination in self.combinations:  # a method's batch_fields (reference maps)
-            _require_keys(
-                keys, combination.batch_fields,
-                f"method {combination.spec.label!r} ({combination.spec.name})",
-                "drop the method or choose a dataset with these annotations (the shapes "
-                "benchmark has mask and part_mask)",
-            )  # fmt: skip
+        _check_sample_fields(self.metric_specs, self.method_specs, self.combinations, keys)
         self._sanity_order(network)  # a wrong layer name fails now, not after the evaluation
 
     def _build(self, network: torch.nn.Module, matrix: str | Path | None) -> list[_Combination]:
@@ -425,6 +416,12 @@ class SaliencyEvaluationCallback(L.Callback):
         if trainer.is_global_zero:
             directory = Path(self.output_dir or trainer.default_root_dir)
             self._staging = StagedResults(directory)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A failed evaluation leaves no staging directory behind."""
+        staging = getattr(self, "_staging", None)
+        if staging is not None:
+            staging.discard()
 
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
@@ -1007,4 +1004,48 @@ def _log_to_run(run, callback: SaliencyEvaluationCallback, plot_paths, gallery_p
             **{f"eval/plots/{p.stem}": wandb.Image(str(p)) for p in plot_paths},
             **{f"eval/gallery/{p.stem}": wandb.Image(str(p)) for p in gallery_paths},
         }
+    )
+
+
+def _check_sample_fields(
+    metrics: list[MetricSpec],
+    methods: list[MethodSpec],
+    combinations: list[_Combination],
+    keys: set[str],
+) -> None:
+    """Every metric (masks, boxes) and method (its ``batch_fields``, e.g. the reference maps)
+    whose sample fields the dataset lacks, in one error, with the ``--evaluation.metrics`` /
+    ``--evaluation.methods`` values that would run."""
+    lacking_metrics = {
+        spec.label: missing
+        for spec in metrics
+        if (missing := [k for k in METRICS[spec.name].needed_keys(spec.kwargs) if k not in keys])
+    }
+    lacking_methods = {
+        c.spec.label: missing
+        for c in combinations
+        if (missing := [k for k in c.batch_fields if k not in keys])
+    }
+    if not lacking_metrics and not lacking_methods:
+        return
+    lacking, remedies = [], []
+    for option, missing, specs in (
+        ("metrics", lacking_metrics, metrics),
+        ("methods", lacking_methods, methods),
+    ):
+        if not missing:
+            continue
+        lacking += [f"{option[:-1]} {label!r} needs {needed}" for label, needed in missing.items()]
+        kept = [spec.as_config() for spec in specs if spec.label not in missing]
+        flow = yaml.safe_dump(kept, default_flow_style=True, sort_keys=False, width=10**6)
+        remedies.append(
+            f"--evaluation.{option} '{flow.strip()}'"
+            if kept
+            else f"no {option[:-1]} of this study runs on it: choose another study "
+            "(e.g. configs/evaluate/fidelity.yaml)"
+        )
+    raise ConfigurationError(
+        f"the dataset's samples give only {sorted(keys)}: {'; '.join(lacking)}; drop them: "
+        f"{' '.join(remedies)}, or use a dataset with these annotations (shapes, CUB, COCO, "
+        "ImageNet-S)"
     )

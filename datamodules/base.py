@@ -26,11 +26,12 @@ from datamodules.transforms import (
     TransformConfig,
     config_from_model,
 )
+from saliency.errors import UserInputError
 
 EVAL_SPLITS = ("val", "test")
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(UserInputError, FileNotFoundError):
     """A dataset root, annotation file or image is missing or laid out differently than the
     loader expects; the message names the path and the expected structure."""
 

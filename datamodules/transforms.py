@@ -20,6 +20,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 
+from saliency.errors import ConfigurationError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -52,13 +54,17 @@ class TransformConfig:
 
 
 def config_from_model(model_name: str) -> TransformConfig:
-    """The evaluation transform a timm model was trained with (``resolve_data_config``):
-    input size, ``crop_pct`` (resize = ⌊size / crop_pct⌋), interpolation, mean and std.
-    Reads the model's pretrained config only; no weights are downloaded."""
+    """The evaluation transform a model was trained with. ``hf:<repo id or directory>``: its
+    image processor's ``preprocessor_config.json`` (:func:`config_from_image_processor`);
+    otherwise a timm model (``timm:<name>`` or ``<name>``), from ``resolve_data_config``: input
+    size, ``crop_pct`` (resize = ⌊size / crop_pct⌋), interpolation, mean and std. Reads
+    configs only; no weights are downloaded."""
+    if model_name.startswith("hf:"):
+        return config_from_image_processor(model_name)
     import timm
     from timm.data import resolve_data_config
 
-    model = timm.create_model(model_name, pretrained=False)
+    model = timm.create_model(model_name.removeprefix("timm:"), pretrained=False)
     data_config = resolve_data_config({}, model=model)
     size = int(data_config["input_size"][-1])
     crop_pct = float(data_config.get("crop_pct", 1.0))
@@ -68,6 +74,79 @@ def config_from_model(model_name: str) -> TransformConfig:
         mean=tuple(float(v) for v in data_config["mean"]),
         std=tuple(float(v) for v in data_config["std"]),
         interpolation=str(data_config.get("interpolation", "bilinear")),
+    )
+
+
+# PIL resampling codes of transformers' processors → the modes tensors can be resized with
+# (lanczos → bicubic, box and hamming → bilinear: the nearest available).
+_PIL_RESAMPLE = {
+    0: "nearest",
+    1: "bicubic",
+    2: "bilinear",
+    3: "bicubic",
+    4: "bilinear",
+    5: "bilinear",
+}
+
+
+def config_from_image_processor(model_name: str) -> TransformConfig:
+    """The transform of a Hugging Face model's image processor (``preprocessor_config.json``
+    of ``hf:<repo id or directory>``, read offline): ``crop_size`` with ``do_center_crop``
+    (DeiT, CLIP: resize to ``size`` then centre-crop), ``size.shortest_edge`` with
+    ``crop_pct`` (ConvNeXt, ResNet below 384 px: resize the shorter side to
+    ``shortest_edge / crop_pct``, centre-crop ``shortest_edge``), or ``size.height × width``
+    (ViT, Swin: resized straight to that size); ``image_mean``/``image_std`` (none without
+    ``do_normalize``); ``resample``. One difference: a processor that resizes to a fixed
+    ``height × width`` before cropping (DeiT) squashes the image, where this transform keeps
+    its aspect ratio (the same for square images)."""
+    import json
+
+    from datamodules.hf_hub import hf_file
+
+    path = hf_file(model_name, "preprocessor_config.json")
+    settings = json.loads(path.read_text())
+    size = settings.get("size") or {}
+    size = {"shortest_edge": size} if isinstance(size, int) else size
+    crop = settings.get("crop_size") if settings.get("do_center_crop") else None
+
+    def side(box: dict | int, what: str) -> int:
+        if isinstance(box, int):
+            return box
+        if "shortest_edge" in box:
+            return int(box["shortest_edge"])
+        if box.get("height") != box.get("width"):
+            raise ConfigurationError(
+                f"{path}: {what} {box} is not square; set the data's image_size instead"
+            )
+        return int(box["height"])
+
+    if crop:
+        image_size, resize_size = side(crop, "crop_size"), side(size, "size")
+    elif "shortest_edge" in size:
+        edge = int(size["shortest_edge"])
+        crop_pct = settings.get("crop_pct")
+        image_size = edge
+        resize_size = math.floor(edge / crop_pct) if crop_pct and edge < 384 else None
+        if not crop_pct:
+            resize_size = edge  # shorter side to edge, then the centre square
+    else:
+        image_size, resize_size = side(size, "size"), None
+    if (
+        settings.get("do_rescale", True)
+        and abs(settings.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-9
+    ):
+        raise ConfigurationError(
+            f"{path}: rescale_factor {settings['rescale_factor']} is not 1/255"
+        )
+    normalise = settings.get("do_normalize", True)
+    mean = tuple(settings.get("image_mean", IMAGENET_MEAN)) if normalise else (0.0, 0.0, 0.0)
+    std = tuple(settings.get("image_std", IMAGENET_STD)) if normalise else (1.0, 1.0, 1.0)
+    return TransformConfig(
+        image_size=image_size,
+        resize_size=resize_size,
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        interpolation=_PIL_RESAMPLE.get(int(settings.get("resample", 2)), "bilinear"),
     )
 
 

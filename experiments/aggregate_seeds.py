@@ -20,8 +20,11 @@ reused, not repeated (``--force`` repeats it). Then, from every seed's ``per_sam
   the method's rank within the seed (1 = lowest mean agreement);
 - ``seed_summary.csv``: per method the mean, sd, min and max over seeds, how many seeds reject
   H0, rank statistics and Kendall's W of the method ranking across seeds;
+- ``comparison.{csv,md,png}``: every metric of the study across the seeds, mean and 95 % CI
+  per seed and the paired test of each seed against the first (the same table and plot as
+  :mod:`experiments.compare_runs`, which also reads the evaluations and logs to W&B here);
 - an offline W&B run (job type ``aggregate``, group = the runs' name prefix) with the same
-  tables and figure (``--wandb.mode disabled`` or ``WANDB_MODE=disabled``: none).
+  tables and figures (``--wandb.mode disabled`` or ``WANDB_MODE=disabled``: none).
 """
 
 from __future__ import annotations
@@ -39,8 +42,15 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from experiments.compare_runs import (
+    EvaluationRun,
+    comparison_table,
+    load_runs,
+    log_to_wandb,
+    print_outputs,
+    write_comparison,
+)
 from experiments.seed_tables import (
-    AGREEMENT,
     agreement_values,
     build_seed_agreement_figure,
     seed_summary_table,
@@ -239,27 +249,33 @@ def evaluate_seeds(
     return wall
 
 
-def read_agreement(runs: Sequence[SeedRun], layer: str | None) -> tuple[pd.DataFrame, float]:
-    """Every seed's feature-agreement values (``seed, method, layer, index, value``) and the
-    Wilcoxon threshold of the evaluations (which must agree)."""
+def read_agreement(
+    runs: Sequence[SeedRun], layer: str | None
+) -> tuple[pd.DataFrame, float, list[EvaluationRun]]:
+    """Every seed's feature-agreement values (``seed, method, layer, index, value``), the
+    Wilcoxon threshold of the evaluations (which must agree) and the evaluations as read by
+    :func:`experiments.compare_runs.load_runs` (labelled ``seed <N>``)."""
+    try:
+        evaluations = load_runs(
+            [run.evaluation_dir for run in runs], [f"seed {run.seed}" for run in runs]
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     frames, thresholds = [], set()
-    for run in runs:
-        per_sample = pd.read_parquet(run.evaluation_dir / "per_sample.parquet")
+    for run, evaluation in zip(runs, evaluations, strict=True):
         try:
-            values = agreement_values(per_sample, layer)
+            values = agreement_values(evaluation.per_sample, layer)
         except ValueError as error:
             raise SystemExit(f"error: {run.evaluation_dir}: {error}") from None
         frames.append(values.assign(seed=run.seed))
-        summary = pd.read_csv(run.evaluation_dir / "summary.csv")
-        tested = summary[(summary["metric"] == AGREEMENT) & summary["wilcoxon_threshold"].notna()]
-        thresholds.update(tested["wilcoxon_threshold"].astype(float).tolist())
+        thresholds.add(evaluation.agreement_threshold)
     if len(thresholds) != 1:
         raise SystemExit(
             f"error: the evaluations used different Wilcoxon thresholds {sorted(thresholds)}: "
             f"evaluate every seed with the same study (--force re-evaluates)"
         )
     values = pd.concat(frames, ignore_index=True)
-    return values[["seed", "method", "layer", "index", "value"]], thresholds.pop()
+    return values[["seed", "method", "layer", "index", "value"]], thresholds.pop(), evaluations
 
 
 def describe(runs: Sequence[SeedRun], wilcoxon: pd.DataFrame) -> str:
@@ -283,9 +299,14 @@ def describe(runs: Sequence[SeedRun], wilcoxon: pd.DataFrame) -> str:
 
 
 def write_outputs(
-    output: Path, wilcoxon: pd.DataFrame, summary: pd.DataFrame, context: str
+    output: Path,
+    wilcoxon: pd.DataFrame,
+    summary: pd.DataFrame,
+    context: str,
+    comparison: pd.DataFrame,
 ) -> dict[str, Path]:
-    """Write the two CSV tables, the markdown table and the figure into ``output``."""
+    """Write the two CSV tables, the markdown table and Fig. 4 into ``output``, and the
+    cross-seed comparison of every metric (:mod:`experiments.compare_runs`)."""
     from callbacks.report.plots import save_figure
 
     output.mkdir(parents=True, exist_ok=True)
@@ -299,45 +320,18 @@ def write_outputs(
     summary.to_csv(paths["seed_summary"], index=False)
     paths["seed_wilcoxon_md"].write_text(wilcoxon_markdown(wilcoxon, summary, context))
     save_figure(build_seed_agreement_figure(wilcoxon, summary, context), paths["seed_agreement"])
-    return paths
+    title = f"{comparison['run'].nunique()} seeds: mean ± 95 % CI per metric\n{context}"
+    return paths | write_comparison(comparison, output, context, title)
 
 
-def log_to_wandb(
-    output: Path,
-    paths: dict[str, Path],
-    tables: dict[str, pd.DataFrame],
-    group: str,
-    mode: str,
-    project: str,
-    config: dict,
-) -> Path | None:
-    """Log the tables and figure to a W&B run (job type ``aggregate``) under ``output/wandb``;
-    nothing when ``mode`` is ``disabled``. Returns the run's directory."""
-    if mode == "disabled":
-        return None
-    import wandb
-
-    run = wandb.init(
-        project=project, group=group, job_type="aggregate", name=f"{group}-aggregate",
-        dir=str(output), mode=mode, config=config,
-    )  # fmt: skip
-    run.log(
-        {
-            **{f"aggregate/{key}": wandb.Table(dataframe=table) for key, table in tables.items()},
-            "aggregate/seed_agreement": wandb.Image(str(paths["seed_agreement"])),
-        }
-    )
-    summary = tables["seed_summary"]
+def _wandb_summary(summary: pd.DataFrame) -> dict[str, float]:
+    values: dict[str, float] = {}
     if len(summary):
-        run.summary["aggregate/kendalls_w"] = float(summary["kendalls_w"].iloc[0])
+        values["aggregate/kendalls_w"] = float(summary["kendalls_w"].iloc[0])
     for _, row in summary.iterrows():
-        run.summary[f"aggregate/{row['method']}/mean_agreement"] = float(row["mean"])
-        run.summary[f"aggregate/{row['method']}/seeds_rejecting_h0"] = int(
-            row["seeds_rejecting_h0"]
-        )
-    directory = Path(run.dir).parent
-    run.finish()
-    return directory
+        values[f"aggregate/{row['method']}/mean_agreement"] = float(row["mean"])
+        values[f"aggregate/{row['method']}/seeds_rejecting_h0"] = int(row["seeds_rejecting_h0"])
+    return values
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,11 +394,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
         args.data_from_training, args.gpus, args.force, extra,
     )  # fmt: skip
     evaluated = time.perf_counter() - started
-    values, threshold = read_agreement(runs, args.layer)
+    values, threshold, evaluations = read_agreement(runs, args.layer)
     wilcoxon = seed_wilcoxon_table(values, threshold, args.alpha)
     summary = seed_summary_table(wilcoxon)
     context = describe(runs, wilcoxon)
-    paths = write_outputs(output, wilcoxon, summary, context)
+    comparison = comparison_table(evaluations)
+    paths = write_outputs(output, wilcoxon, summary, context, comparison)
     tables = {"seed_wilcoxon": wilcoxon, "seed_summary": summary}
     config = {
         "runs": [str(run.run_dir) for run in runs], "seeds": [run.seed for run in runs],
@@ -412,8 +407,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
         "checkpoint": args.checkpoint, "alpha": args.alpha, "threshold": threshold,
     }  # fmt: skip
     wandb_dir = log_to_wandb(
-        output, paths, tables, group, args.wandb_mode, args.wandb_project, config
-    )
+        output, tables | {"comparison": comparison},
+        {"seed_agreement": paths["seed_agreement"], "comparison": paths["comparison_plot"]},
+        group=group, name=f"{group}-aggregate", job_type="aggregate", mode=args.wandb_mode,
+        project=args.wandb_project, config=config, summary=_wandb_summary(summary),
+    )  # fmt: skip
 
     with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
         print(f"\nper-seed Wilcoxon tests (H1: median agreement < {threshold:g}):")
@@ -428,11 +426,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
     print(
         f"total: evaluations {evaluated:.1f} s, aggregation {time.perf_counter() - started - evaluated:.1f} s"
     )
-    print(f"\n{context}\noutput: {output}")
-    for path in paths.values():
-        print(f"  {path}")
-    if wandb_dir is not None:
-        print(f"  {wandb_dir}  (upload: wandb sync {wandb_dir})")
+    print(f"\n{context}")
+    print_outputs(output, paths, wandb_dir)
     return tables
 
 

@@ -1,16 +1,19 @@
-"""Build a classifier network by name: ``small_cnn``, ``timm:<name>`` or ``torchvision:<name>``."""
+"""Build a classifier network by name: ``small_cnn``, ``timm:<name>``, ``torchvision:<name>`` or
+``hf:<repo id or directory>`` (a Hugging Face ``transformers`` image classifier)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from lightning_modules.torch_files import load_torch_file
 from saliency.errors import ConfigurationError, closest
 
-SOURCES = ("small_cnn", "timm:<model name>", "torchvision:<model name>")
+SOURCES = (
+    "small_cnn", "timm:<model name>", "torchvision:<model name>", "hf:<repo id or directory>",
+)  # fmt: skip
 
 
 def build_backbone(
@@ -24,10 +27,13 @@ def build_backbone(
     """A network mapping images to ``[B, num_classes]`` logits.
 
     ``pretrained`` loads the library's default weights from its local cache (timm: the Hugging
-    Face cache, torchvision: ``$TORCH_HOME``) and replaces the head when ``num_classes`` differs
-    from the pretrained one. ``weights_path`` loads a state dict from a local file afterwards.
+    Face cache, torchvision: ``$TORCH_HOME``; ``hf:`` the model's own files in the directory or
+    the cache) and replaces the head when ``num_classes`` differs from the pretrained one;
+    without it the architecture starts from random weights. ``weights_path`` loads a state dict from a local file afterwards.
     ``model_kwargs`` go to the library's constructor (timm ``create_model``, e.g.
-    ``img_size``/``patch_size``/``depth`` of a ViT; torchvision ``get_model``).
+    ``img_size``/``patch_size``/``depth`` of a ViT; torchvision ``get_model``; ``hf:`` config
+    attributes). ``hf:`` models come wrapped as
+    :class:`~saliency.huggingface.HuggingFaceClassifier` (logits out, default layers).
     """
     model_kwargs = dict(model_kwargs or {})
     if name == "small_cnn":
@@ -45,6 +51,8 @@ def build_backbone(
         model = _torchvision(
             name.removeprefix("torchvision:"), num_classes, pretrained, model_kwargs
         )
+    elif name.startswith("hf:"):
+        model = _huggingface(name, num_classes, pretrained, model_kwargs)
     else:
         raise ConfigurationError(
             f"unknown backbone {name!r}: expected one of {', '.join(SOURCES)} "
@@ -112,6 +120,59 @@ def _torchvision(
     return model
 
 
+def _transformers():
+    try:
+        import transformers
+    except ImportError as error:
+        raise ConfigurationError(
+            "hf: models need the optional dependency transformers: install the project with "
+            "`uv sync --extra hf`"
+        ) from error
+    return transformers
+
+
+def hf_config(name: str, model_kwargs: dict[str, Any] | None = None):
+    """The ``transformers`` config of ``hf:<repo id or directory>``, read offline."""
+    from datamodules.hf_hub import hf_source, missing_model
+
+    transformers = _transformers()
+    source = hf_source(name)
+    try:
+        return transformers.AutoConfig.from_pretrained(
+            source, local_files_only=True, **(model_kwargs or {})
+        )
+    except OSError as error:
+        raise missing_model(source, "config.json", error) from error
+
+
+def _huggingface(
+    name: str, num_classes: int, pretrained: bool, model_kwargs: dict[str, Any]
+) -> nn.Module:
+    from datamodules.hf_hub import hf_source, missing_model
+    from saliency.huggingface import HuggingFaceClassifier
+
+    auto = _transformers().AutoModelForImageClassification
+    config = hf_config(name, model_kwargs)
+    source = hf_source(name)
+    if not pretrained:
+        config.num_labels = num_classes
+        return HuggingFaceClassifier(auto.from_config(config).eval())
+    new_head = config.num_labels != num_classes
+    if new_head:
+        config.num_labels = num_classes  # a fresh classifier of this size
+    try:
+        model = auto.from_pretrained(
+            source, config=config, local_files_only=True, ignore_mismatched_sizes=new_head
+        )
+    except OSError as error:
+        raise missing_model(source, "the weights (model.safetensors)", error) from error
+    except ValueError as error:  # e.g. a config of another task
+        raise ConfigurationError(
+            f"{name} is not an image classifier transformers can load: {str(error).splitlines()[0]}"
+        ) from error
+    return HuggingFaceClassifier(model.eval())
+
+
 def _replace_head(model: nn.Module, num_classes: int) -> None:
     """Swap the last ``nn.Linear`` for a fresh one with ``num_classes`` outputs if needed."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -134,7 +195,7 @@ def load_weights(model: nn.Module, weights_path: str) -> None:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, "a state dict (torch.save(model.state_dict(), FILE))")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     try:

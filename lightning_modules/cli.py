@@ -18,7 +18,8 @@ from typing import Any, Literal
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
-from saliency.errors import ConfigurationError
+from lightning_modules.group_files import route_group_files
+from saliency.errors import UserInputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_NAME_VARIABLE = "CONTRASTIVE_SALIENCY_RUN_NAME"
@@ -53,6 +54,16 @@ class ProjectCLI(LightningCLI):
     """LightningCLI with a run directory, CSV + W&B loggers and checkpoints placed in it."""
 
     job_type = "train"
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse ``args`` (``None``: the command line) after routing group config files
+        (``--data configs/data/X.yaml`` or ``--config configs/data/X.yaml``; see
+        :mod:`lightning_modules.group_files`)."""
+        if args is None:
+            args = sys.argv[1:]
+        if not isinstance(args, list | tuple):  # a dict or Namespace: no files to route
+            return super().parse_arguments(parser, args)
+        self.config = parser.parse_args(route_group_files(args))
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -114,30 +125,43 @@ class ProjectCLI(LightningCLI):
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any]) -> Any:
-    """Run ``main`` on the command line (``--seed`` aliased) and turn a
-    :class:`ConfigurationError` into one stderr line and exit status 2."""
+    """Run ``main`` on the command line (``--seed`` aliased). A :class:`UserInputError`
+    anywhere behind the exception that ends it (a bad option, file or dataset, also one raised
+    in a data-loading worker) becomes one ``error: ...`` line on stderr and exit status 2."""
     # Rewritten in place: DDP re-launches the other ranks with sys.argv.
     sys.argv[1:] = alias_seed(sys.argv[1:])
     try:
         return main(None)
     except Exception as error:
-        cause = configuration_error_in(error)
+        cause = user_input_error_in(error)
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {user_message(cause)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def configuration_error_in(error: BaseException) -> ConfigurationError | None:
-    """The :class:`ConfigurationError` behind ``error``, if any. jsonargparse re-raises errors
+def user_input_error_in(error: BaseException) -> UserInputError | None:
+    """The :class:`UserInputError` behind ``error``, if any. jsonargparse re-raises errors
     of constructors it instantiates as a generic ``ValueError`` chained to the original."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, ConfigurationError):
+        if isinstance(error, UserInputError):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def user_message(error: UserInputError) -> str:
+    """The error's own message. One re-raised from a DataLoader worker carries the worker's
+    traceback in its text ("Caught X in DataLoader worker process 0. Original Traceback ...");
+    its last line holds the original message."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name = type(error).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
 def finish_wandb(trainer) -> None:

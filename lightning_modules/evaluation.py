@@ -4,12 +4,12 @@ backbone by name with a linear-probe head."""
 from __future__ import annotations
 
 import contextvars
-import pickle
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_modules.backbones import build_backbone
@@ -21,6 +21,7 @@ from lightning_modules.probe_classifier import (
     build_feature_backbone,
     load_linear_head,
 )
+from lightning_modules.torch_files import load_torch_file
 from saliency.errors import ConfigurationError
 
 
@@ -52,7 +53,8 @@ class SaliencyEvaluationModule(L.LightningModule):
         num_classes: classes of a model by name (needed unless ``pretrained`` weights define
             them); for a checkpoint or probe head, a guard that must equal theirs.
         outputs_dir: where to look for the newest checkpoint.
-        model_name: ``timm:<name>``, ``torchvision:<name>`` or ``small_cnn`` (see
+        model_name: ``timm:<name>``, ``torchvision:<name>``, ``hf:<repo id or directory>``
+            (a Hugging Face image classifier) or ``small_cnn`` (see
             :func:`~lightning_modules.backbones.build_backbone`).
         pretrained: start from the library's default weights (local cache only offline).
         weights_path: a state-dict file loaded into the network (for a probe: the backbone
@@ -209,6 +211,34 @@ class SaliencyEvaluationModule(L.LightningModule):
                 f"the data has {data_classes} classes but {self.source_description} predicts "
                 f"{self.num_classes}: evaluate on the dataset the model was trained on"
             )
+        mismatch = _processor_mismatch(self.model_name, self.trainer.datamodule)
+        if mismatch:
+            rank_zero_warn(mismatch)
+
+
+def _processor_mismatch(model_name: str | None, datamodule) -> str | None:
+    """For a Hugging Face model: how the data's transform differs from the model's image
+    processor (size, mean, std), or None (same, no processor config, or not an ``hf:`` model)."""
+    config = getattr(datamodule, "transform_config", None)
+    if model_name is None or not model_name.startswith("hf:") or config is None:
+        return None
+    from datamodules.transforms import config_from_image_processor
+
+    try:
+        expected = config_from_image_processor(model_name)
+    except ConfigurationError:
+        return None
+    differs = [
+        f"{key} {getattr(config, key)} (processor: {getattr(expected, key)})"
+        for key in ("image_size", "mean", "std")
+        if getattr(config, key) != getattr(expected, key)
+    ]
+    if not differs:
+        return None
+    return (
+        f"the data transform differs from {model_name}'s image processor: {'; '.join(differs)}; "
+        f"pass --data.transform_from_model {model_name} to use the processor's"
+    )
 
 
 def _check_source_arguments(
@@ -251,7 +281,7 @@ def _check_source_arguments(
 
 def _pretrained_num_classes(model_name: str) -> int:
     """Classes of the library's default pretrained weights of ``model_name`` (timm: the
-    pretrained config; torchvision: the default weights' categories)."""
+    pretrained config; torchvision: the default weights' categories; hf: the model's config)."""
     source, _, name = model_name.partition(":")
     count: int | None = None
     known = False
@@ -268,6 +298,10 @@ def _pretrained_num_classes(model_name: str) -> int:
         if known:
             meta = torchvision.models.get_model_weights(name).DEFAULT.meta
             count = len(meta["categories"]) if "categories" in meta else None
+    elif source == "hf":
+        from lightning_modules.backbones import hf_config
+
+        known, count = True, int(hf_config(model_name).num_labels)
     if not known:
         # Unknown model or a source without pretrained weights: build_backbone explains which.
         build_backbone(model_name, 1, pretrained=True)
@@ -296,9 +330,17 @@ def _probe(
         ) from error
 
 
+TRAIN_CHECKPOINT = (
+    "a train.py checkpoint (outputs/<run>/checkpoints/last.ckpt: a dict with state_dict and "
+    "hyper_parameters)"
+)
+
+
 def load_classifier(path: Path) -> ClassifierModule | LinearProbeModule:
     """A ``train.py`` checkpoint as its module: a :class:`LinearProbeModule` when the checkpoint
-    names that class (``CHECKPOINT_CLASS_KEY``), else a :class:`ClassifierModule`."""
+    names that class (``CHECKPOINT_CLASS_KEY``), else a :class:`ClassifierModule`. A file that
+    is not such a checkpoint (empty, corrupt, a bare state dict, pickled objects) is a
+    :class:`ConfigurationError` naming it."""
     module_class, overrides = ClassifierModule, {}
     if _checkpoint_class(path) == f"{LinearProbeModule.__module__}.{LinearProbeModule.__name__}":
         # The checkpoint holds the backbone's weights: do not fetch pretrained ones or read
@@ -310,20 +352,31 @@ def load_classifier(path: Path) -> ClassifierModule | LinearProbeModule:
         classifier = contextvars.Context().run(
             module_class.load_from_checkpoint, path, map_location="cpu", **overrides
         )
-    except (KeyError, RuntimeError, EOFError, OSError) as error:
+    except (KeyError, RuntimeError, EOFError, OSError, TypeError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
         raise ConfigurationError(
             f"cannot load checkpoint {path} as a {module_class.__name__}: "
-            f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            f"{type(error).__name__}: {first}; expected {TRAIN_CHECKPOINT}"
         ) from error
     classifier.eval()
     return classifier
 
 
 def _checkpoint_class(path: Path) -> str | None:
-    """The module class a checkpoint names, read without loading its tensors (memory-mapped);
-    None when it names none or cannot be peeked at (the full load then reports the problem)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError):
-        return None
-    return checkpoint.get(CHECKPOINT_CLASS_KEY) if isinstance(checkpoint, dict) else None
+    """The module class a checkpoint names (None: the default), read without loading its
+    tensors (memory-mapped); a :class:`ConfigurationError` when the file is not a readable
+    ``train.py`` checkpoint."""
+    checkpoint = load_torch_file(path, TRAIN_CHECKPOINT, mmap=True)
+    required = ("state_dict", "hyper_parameters")
+    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in required):
+        held = (
+            f"a dict with keys {', '.join(map(str, list(checkpoint)[:6])) or '(none)'}"
+            if isinstance(checkpoint, dict)
+            else f"a {type(checkpoint).__name__}"
+        )
+        raise ConfigurationError(
+            f"{path}: a PyTorch file but not a train.py checkpoint (it holds {held}); expected "
+            f"{TRAIN_CHECKPOINT}. Weights of a network by name go to --model.model_name NAME "
+            f"--model.weights_path FILE"
+        )
+    return checkpoint.get(CHECKPOINT_CLASS_KEY)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_modules.backbones import build_backbone, load_weights
+from lightning_modules.torch_files import load_torch_file
 from saliency.errors import ConfigurationError
 from saliency.layers import default_layer
 
@@ -142,13 +143,7 @@ def load_linear_head(path: str | Path) -> nn.Linear:
     path = Path(path)
     if not path.is_file():
         raise ConfigurationError(f"linear head file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ConfigurationError(
-            f"cannot read linear head {path}: {type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}"
-        ) from error
+    state = load_torch_file(path, "a linear head {'weight': [N, D], 'bias': [N]}")
     keys = next((k for k in HEAD_KEYS if isinstance(state, dict) and k[0] in state), None)
     if keys is None:
         found = sorted(map(str, state))[:10] if isinstance(state, dict) else type(state).__name__

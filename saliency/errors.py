@@ -1,4 +1,4 @@
-"""Exceptions for bad user input. CLIs print them as one line and exit non-zero."""
+"""Exceptions for bad user input. The entry points print them as one line and exit with 2."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import difflib
 from collections.abc import Iterable
 
 
-class ConfigurationError(ValueError):
+class UserInputError(Exception):
+    """Base of the errors in what a user gave (options, files, data) rather than in the code:
+    the message names the wrong value and what to do, and the entry points print it alone
+    (no traceback) and exit with status 2."""
+
+
+class ConfigurationError(UserInputError, ValueError):
     """Something the user asked for does not exist or does not fit; the message says what to do."""
 
 

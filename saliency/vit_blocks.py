@@ -34,7 +34,13 @@ _FORWARD_METHODS = ("forward", "forward_features", "forward_head", "_pos_embed")
 
 def check_vision_transformer(model: nn.Module, method: str) -> VisionTransformer:
     """``model`` if it is a supported timm ViT, else a :class:`ConfigurationError` naming what
-    ``method`` supports and why ``model`` is not it."""
+    ``method`` supports and why ``model`` is not it. A model that offers
+    ``as_vision_transformer()`` (e.g. :class:`saliency.huggingface.HuggingFaceClassifier` of a
+    Hugging Face ViT) is checked and used in that form."""
+    if not isinstance(model, VisionTransformer) and callable(
+        getattr(model, "as_vision_transformer", None)
+    ):
+        model = model.as_vision_transformer()
     if not isinstance(model, VisionTransformer):
         raise ConfigurationError(
             f"{method} works on {SUPPORTED_MODELS}; got {type(model).__name__}, which is not a "
