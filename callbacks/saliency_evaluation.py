@@ -34,8 +34,8 @@ from lightning.pytorch.loggers import WandbLogger
 from callbacks.evaluation_metrics import CURVE_POINTS, METRICS, MetricContext
 from callbacks.evaluation_spec import (
     MethodSpec,
-    matrix_contrast_selectors,
     MetricSpec,
+    matrix_contrast_selectors,
     parse_methods,
     parse_metrics,
     resolve_selectors,
