@@ -194,13 +194,16 @@ def test_caap_runs_on_the_hf_vit_through_the_timm_view_of_its_modules(saved, ima
     assert view.head is model.hf.classifier
     torch.testing.assert_close(view(images), model(images), rtol=0, atol=1e-6)
     classes = model(images).topk(2, dim=1).indices
-    parallel = create_method("caap", model, mode="parallel")(images, classes)
-    loop = create_method("caap", model, mode="loop")(images, classes)
+    # CAAP's white blank needs the images' normalisation (evaluate.py passes the data's; the
+    # HF ViT image processor's default is mean = std = 0.5)
+    white = {"normalisation": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+    parallel = create_method("caap", model, mode="parallel", **white)(images, classes)
+    loop = create_method("caap", model, mode="loop", **white)(images, classes)
     assert parallel.shape == (2, 2, SIZE, SIZE)
     torch.testing.assert_close(parallel, loop, rtol=0, atol=1e-4)
     # caap.md Alg. 1: every patch patched at every layer gives the model's own logit
     everything = torch.ones(16, 16, dtype=torch.bool)
-    full = create_method("caap", model, selection=everything, layers=(0, 3)).compute(
+    full = create_method("caap", model, selection=everything, layers=(0, 3), **white).compute(
         images, classes
     )
     expected = model(images).gather(1, classes)

@@ -401,8 +401,7 @@ def test_yaml_config_builds_the_nested_base_datamodule(tmp_path, capsys):
     config = CONFIG_DIR / "data" / "quad_shapes.yaml"
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(L.LightningDataModule, "data")
-    parser.add_argument("--config", action="config")
-    parsed = parser.parse_args(["--config", str(config), "--data.init_args.val_samples", "3"])
+    parsed = parser.parse_args(["--data", str(config), "--data.init_args.val_samples", "3"])
     data = parser.instantiate(parsed).data
     assert isinstance(data, QuadGridDataModule) and isinstance(data.base, ShapesDataModule)
     assert (data.cell_size, data.samples["val"], data.base.config.image_size) == (64, 3, 64)
