@@ -4,9 +4,12 @@ process, rank, device and batch composition, computed batched on the device.
 A counter-based generator (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3",
 SC 2011): the value at (``seed``, ``stream``, sample ``index``, position ``p``) is a hash of
 those four integers, so no generator state is carried from one sample or batch to the next and
-no per-sample Python loop or ``torch.Generator`` is needed. The hash is Wellons' ``lowbias32``
-integer mixer (a murmur3-style finaliser; C. Wellons, "Prospecting for hash functions", 2018),
-applied in int64 arithmetic that never overflows, chained over the four keys. Indices are
+no per-sample Python loop or ``torch.Generator`` is needed. The hash is an integer mixer
+with the structure of Wellons' ``lowbias32`` (a murmur3-style finaliser; C. Wellons,
+"Prospecting for hash functions", 2018), applied in int64 arithmetic that never overflows,
+chained over the four keys. For a fixed (seed, stream, index) it is a bijection of the
+position, so ordering a row by its hashes is a permutation (the tie-breaking of
+:mod:`saliency.metrics.functional.ties`). Indices are
 folded to 32 bits (``index ⊕ hash(index >> 32)``); splits beyond 2³² samples may share
 streams.
 
@@ -19,21 +22,20 @@ import torch
 
 _MASK32 = 0xFFFFFFFF
 
-
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """``x · constant mod 2³²`` for ``x < 2³²`` in int64 without overflow (16-bit halves)."""
-    low = (x & 0xFFFF) * constant
-    high = (((x >> 16) * constant) & 0xFFFF) << 16
-    return (low + high) & _MASK32
+STREAM_RANDOM_MAP = 0  # the ``random`` reference map (saliency.methods.reference_maps)
+STREAM_RANDOM_OTHER_CLASS = 1  # Random Logit's other class (random_other_classes)
+STREAM_TIE_BREAKING = 2  # tie-break keys of masks and pixel orders (metrics.functional.ties)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """Wellons' ``lowbias32``: a bijection of 32-bit integers with strong avalanche."""
+    """A bijective 32-bit integer hash of int64 values in ``[0, 2³²)`` (xor-shift-multiply with
+    the structure of Wellons' ``lowbias32``; multipliers below 2³¹, so every product of a
+    32-bit value fits in int64 without overflow)."""
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = (x * 0x21F0AAAD) & _MASK32
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
 
 
 def _key(value: int | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -79,10 +81,10 @@ def random_other_classes(
     ``0 … N − 2`` indexes the classes with the excluded one removed, i.e. the class is
     ``o + 1[o ≥ excluded]``. Quantus draws ``o`` with ``np.random.seed(seed)`` once per batch
     (so it depends on the batch composition); here ``o`` is a function of the sample index.
-    Stream 1 is reserved for this draw. Needs ``num_classes ≥ 2``."""
+    Stream :data:`STREAM_RANDOM_OTHER_CLASS` is reserved for this draw. Needs ``num_classes ≥ 2``."""
     if num_classes < 2:
         raise ValueError(f"a random other class needs at least 2 classes, got {num_classes}")
-    uniform = index_uniform(indices, (1,), seed, stream=1)[:, 0]
+    uniform = index_uniform(indices, (1,), seed, STREAM_RANDOM_OTHER_CLASS)[:, 0]
     offsets = (uniform.double() * (num_classes - 1)).long().clamp(max=num_classes - 2)
     excluded = excluded.to(offsets.device).long()
     return offsets + (offsets >= excluded).long()

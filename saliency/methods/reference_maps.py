@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saliency.errors import ConfigurationError
-from saliency.index_random import index_uniform
+from saliency.index_random import STREAM_RANDOM_MAP, index_uniform
 from saliency.methods.base import SaliencyMethod
 from saliency.methods.registry import register_method
 
@@ -102,7 +102,9 @@ class RandomMap(ReferenceMap):
         self.seed = int(seed)
 
     def reference_map(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return index_uniform(index.to(images.device), tuple(images.shape[-2:]), self.seed)
+        return index_uniform(
+            index.to(images.device), tuple(images.shape[-2:]), self.seed, STREAM_RANDOM_MAP
+        )
 
 
 @register_method("edge")

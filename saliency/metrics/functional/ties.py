@@ -29,27 +29,17 @@ from dataclasses import dataclass
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (xor-shift-multiply, Wellons' "lowbias32" structure with
-    multipliers below 2³¹, so every product of a 32-bit value fits in int64) of int64 values in
-    ``[0, 2³²)``; ``x`` is overwritten."""
-    x.bitwise_xor_(x >> 16)
-    x.mul_(0x21F0AAAD).bitwise_and_(_MASK32)
-    x.bitwise_xor_(x >> 15)
-    x.mul_(0x735A2D97).bitwise_and_(_MASK32)
-    return x.bitwise_xor_(x >> 15)
+from saliency.index_random import STREAM_TIE_BREAKING, index_hash
 
 
 def tie_break_keys(indices: torch.Tensor, num_positions: int, salt: int = 0) -> torch.Tensor:
     """Tie-break keys ``[B, num_positions]`` (int64 in ``[0, 2³²)``) for the samples ``indices``.
 
-    ``key(index, p) = h(p ⊕ s₁) ⊕ s₂`` with ``h`` a bijective 32-bit hash and ``s₁, s₂``
-    hashed from ``(index, salt)``: a pure function of the sample index, the position and the
-    salt — no generator state, so it is the same on every process and device. Within a row the
-    keys are distinct (``p ↦ key`` is a bijection), so ordering a row by key is a permutation.
+    The counter-based hash of :func:`saliency.index_random.index_hash` of (``salt``, the
+    tie-breaking stream, the sample index, the position): a pure function of those — no
+    generator state, so it is the same on every process and device. Within a row the keys are
+    distinct (the hash is a bijection of the position), so ordering a row by key is a
+    permutation.
     """
     if indices.dim() != 1:
         raise ValueError(
@@ -60,13 +50,8 @@ def tie_break_keys(indices: torch.Tensor, num_positions: int, salt: int = 0) -> 
         raise ValueError(
             f"indices must be integers (the samples' dataset index), got {indices.dtype}"
         )
-    indices = indices.long()
-    salt_word = torch.tensor((salt ^ 0x9E3779B9) & _MASK32, device=indices.device)
-    low, high = indices & _MASK32, (indices >> 32) & _MASK32
-    first = _mix32(low ^ _mix32(high ^ _mix32(salt_word)))
-    second = _mix32(first ^ 0x85EBCA6B)
     positions = torch.arange(num_positions, dtype=torch.int64, device=indices.device)
-    return _mix32(positions ^ first[:, None]).bitwise_xor_(second[:, None])
+    return index_hash(indices.long(), positions, seed=salt, stream=STREAM_TIE_BREAKING)
 
 
 def _check_rows(flat: torch.Tensor, indices: torch.Tensor) -> None:
