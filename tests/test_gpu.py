@@ -94,7 +94,10 @@ METHOD_FAMILIES = {
     ],
     "var": ["var"],
     "score_cams": ["score_cam", "ablation_cam", "finer_score_cam", "cluscam"],
-    "vit": ["caap", "attention_rollout"],
+    "vit": [
+        "caap", "attention_rollout", "grad_rollout", "transition_attention",
+        "bidirectional_attention", "transformer_attribution", "inflow",
+    ],
     "input_gradients": [
         "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "guided_backprop",
         "guided_grad_cam",
@@ -130,6 +133,9 @@ def method_kwargs(name: str) -> dict:
         "ablation_cam": {"batch_size": 7},
         "finer_score_cam": {"batch_size": 7},
         "cluscam": {"num_clusters": 4, "batch_size": 7},
+        # the papers' first blocks assume 12 blocks; tiny_vit has 3
+        "transition_attention": {"first_block": 1, "steps": 4, "batch_size": 5},
+        "bidirectional_attention": {"first_block": 1, "steps": 4, "batch_size": 5},
     }.get(name, {})
 
 
@@ -332,12 +338,15 @@ AUTOCAST_DTYPES = [
 # Methods whose maps are continuous functions of the network's activations and gradients at
 # one layer (or of the model's scores): rounding moves them by a bounded multiple of u.
 CONTINUOUS = {*METHOD_FAMILIES["gradient_cams"], *METHOD_FAMILIES["vit"], "score_cam",
-              "ablation_cam", "finer_score_cam", "rise"}  # fmt: skip
+              "ablation_cam", "finer_score_cam", "rise"} - {"transformer_attribution"}  # fmt: skip
 # Methods with hard decisions that rounding can flip (the ReLU derivative of every unit on an
-# input-gradient path, guided backprop's and LRP's rules, VAR's q_c > 1/K threshold,
-# ClusCAM's k-means assignment and bottom-r % discard): a flipped decision moves a value by
-# O(1), so no multiple of u bounds them; their bound only catches gross errors.
-DECISIONS = {*METHOD_FAMILIES["input_gradients"], "lrp", "var", "cluscam"}
+# input-gradient path, guided backprop's and LRP's rules — also T-LRP's sign splits and its
+# divisions by signed pre-activations —, VAR's q_c > 1/K threshold, ClusCAM's k-means
+# assignment and bottom-r % discard): a flipped decision moves a value by O(1), so no multiple
+# of u bounds them; their bound only catches gross errors (T-LRP, CPU: median 81u float16,
+# 47u bfloat16).
+DECISIONS = {*METHOD_FAMILIES["input_gradients"], "lrp", "transformer_attribution", "var",
+             "cluscam"}  # fmt: skip
 MAP_TOLERANCE_U = {"continuous": 64, "decisions": 256}
 
 

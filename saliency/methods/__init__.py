@@ -5,16 +5,21 @@ Importing this package registers every method defined in its modules.
 
 from saliency.methods import (  # noqa: F401  (registers the methods)
     attention_rollout,
+    bidirectional_attention,
     caap,
     case,
     cluscam,
     finer_cam,
+    grad_rollout,
     gradient_cams,
+    inflow,
     input_gradients,
     lrp,
     reference_maps,
     rise,
     score_cams,
+    transformer_attribution,
+    transition_attention,
     var,
 )
 from saliency.methods.base import SaliencyMethod
