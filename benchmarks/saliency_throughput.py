@@ -24,6 +24,7 @@ are that suite's options, ``--help`` lists them):
     uv run python benchmarks/saliency_throughput.py score_cam   # Score-CAM / Ablation-CAM vs pytorch-grad-cam
     uv run python benchmarks/saliency_throughput.py caap        # CAAP parallel vs per-patch loop (ViT-Ti 224²)
     uv run python benchmarks/saliency_throughput.py cluscam     # ClusCAM: clustering vs scoring time
+    uv run python benchmarks/saliency_throughput.py vit_attention  # ViT attention attributions, K classes
 
 Writes JSON (default ``benchmarks/results/saliency_throughput_<device>.json``) and prints a
 table. Random-init weights: speed does not depend on them.
@@ -176,6 +177,7 @@ SUITES = {
     "score_cam": "benchmarks.score_cam_throughput",
     "caap": "benchmarks.caap_throughput",
     "cluscam": "benchmarks.cluscam_cost",
+    "vit_attention": "benchmarks.vit_attention_cost",
 }
 
 

@@ -5,7 +5,8 @@ them (hila-chefer/Transformer-Explainability, ``modules/layers_ours.py``, ``ViT_
 
 zennit has no rules for attention, matrix products of two activations or LayerNorm, so the
 rules are written here as tensor operations on the traced forward
-(:func:`saliency.vit_attention.trace_vit`), batched over the images:
+(:func:`saliency.vit_attention.trace_vit`), batched over the images and over K classes (the
+relevances carry a class dimension; the class-independent denominators are computed once):
 
 - ``nn.Linear`` (qkv, proj, fc1, fc2, head): the αβ rule with α = 1, β = 0 (paper Eq. 4,
   only the positive contributions ``x_j w_ji > 0``), bias excluded:
@@ -51,9 +52,10 @@ def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Ten
 def linear_relevance(
     inputs: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor
 ) -> torch.Tensor:
-    """αβ rule (α = 1, β = 0) of ``y = x Wᵀ`` (bias excluded): ``inputs`` ``[..., in]``,
-    ``weight`` ``[out, in]``, ``relevance`` of the outputs ``[..., out]`` → ``[..., in]``."""
-    inputs, weight = inputs.to(relevance.dtype), weight.to(relevance.dtype)
+    """αβ rule (α = 1, β = 0) of ``y = x Wᵀ`` (bias excluded): ``inputs`` ``[B, ..., in]``,
+    ``weight`` ``[out, in]``, ``relevance`` of the outputs for K classes ``[B, K, ..., out]``
+    → ``[B, K, ..., in]`` (the class-independent denominators computed once)."""
+    inputs, weight = inputs.unsqueeze(1).to(relevance.dtype), weight.to(relevance.dtype)
     positive_w, negative_w = weight.clamp(min=0), weight.clamp(max=0)
     positive_x, negative_x = inputs.clamp(min=0), inputs.clamp(max=0)
     activation = positive_x @ positive_w.T + negative_x @ negative_w.T
@@ -64,8 +66,9 @@ def linear_relevance(
 def product_relevance(
     left: torch.Tensor, right: torch.Tensor, relevance: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """z-rule of ``Z = left @ right`` on both operands, each halved: ``(R_left, R_right)``."""
-    left, right = left.to(relevance.dtype), right.to(relevance.dtype)
+    """z-rule of ``Z = left @ right`` (``[B, ..., n, m]`` @ ``[B, ..., m, p]``) on both operands,
+    each halved, for ``relevance`` ``[B, K, ..., n, p]``: ``(R_left, R_right)``."""
+    left, right = left.unsqueeze(1).to(relevance.dtype), right.unsqueeze(1).to(relevance.dtype)
     scaled = safe_divide(relevance, left @ right)
     return (
         left * (scaled @ right.transpose(-2, -1)) / 2,
@@ -76,12 +79,14 @@ def product_relevance(
 def sum_relevance(
     first: torch.Tensor, second: torch.Tensor, relevance: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Relevance of the operands of ``first + second`` (``[B, ...]``), each operand's total
-    rescaled to its share ``|Σ R_first| / (|Σ R_first| + |Σ R_second|)`` of ``Σ R`` per image."""
-    first, second = first.to(relevance.dtype), second.to(relevance.dtype)
+    """Relevance of the operands of ``first + second`` (``[B, ...]``) for ``relevance``
+    ``[B, K, ...]``, each operand's total rescaled to its share
+    ``|Σ R_first| / (|Σ R_first| + |Σ R_second|)`` of ``Σ R`` per image and class."""
+    first = first.unsqueeze(1).to(relevance.dtype)
+    second = second.unsqueeze(1).to(relevance.dtype)
     scaled = safe_divide(relevance, first + second)
     parts = first * scaled, second * scaled
-    dims = tuple(range(1, relevance.dim()))
+    dims = tuple(range(2, relevance.dim()))
     totals = [part.sum(dim=dims, keepdim=True) for part in parts]
     magnitude = totals[0].abs() + totals[1].abs()
     whole = relevance.sum(dim=dims, keepdim=True)
@@ -92,8 +97,9 @@ def sum_relevance(
 
 
 def copy_relevance(inputs: torch.Tensor, relevances: list[torch.Tensor]) -> torch.Tensor:
-    """Relevance of a tensor that feeds several branches: ``x ⊙ Σ_i safe_divide(R_i, x)``."""
-    inputs = inputs.to(relevances[0].dtype)
+    """Relevance ``[B, K, ...]`` of a tensor ``[B, ...]`` that feeds several branches:
+    ``x ⊙ Σ_i safe_divide(R_i, x)``."""
+    inputs = inputs.unsqueeze(1).to(relevances[0].dtype)
     return inputs * sum(safe_divide(relevance, inputs) for relevance in relevances)
 
 
@@ -137,15 +143,17 @@ def check_lrp_blocks(vit: VisionTransformer) -> None:
 def relevance_propagation(
     vit: VisionTransformer, trace: ViTTrace, output_relevance: torch.Tensor, first_block: int = 0
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """LRP from the logits down to the input of block ``first_block``, for the relevance
-    ``output_relevance`` ``[B, N]`` of the logits (Chefer et al.: the one-hot of the explained
-    class): ``(relevance of that block's input tokens [B, T, D], relevance of the attention
-    probabilities [B, H, T, T] of blocks first_block … L−1, first block first)``; the latter
-    are the halved ``R_A`` the code saves as ``attn_cam``. Every rule above conserves the
-    total up to the stabiliser, so the tokens' relevance sums to ``Σ output_relevance``."""
+    """LRP from the logits down to the input of block ``first_block``, for K relevances
+    ``output_relevance`` ``[B, K, N]`` of the logits at once (Chefer et al.: the one-hot of
+    each explained class): ``(relevance of that block's input tokens [B, K, T, D], relevance
+    of the attention probabilities [B, K, H, T, T] of blocks first_block … L−1, first block
+    first)``; the latter are the halved ``R_A`` the code saves as ``attn_cam``. Every rule
+    above conserves the total up to the stabiliser, so the tokens' relevance sums to
+    ``Σ output_relevance`` per image and class."""
     head_relevance = linear_relevance(trace.head_input, vit.head.weight, output_relevance)
-    relevance = head_relevance.new_zeros(trace.blocks[-1].tokens.shape)
-    relevance[:, 0] = copy_relevance(trace.head_input, [head_relevance])  # class-token pool
+    tokens = trace.blocks[-1].tokens
+    relevance = head_relevance.new_zeros((*head_relevance.shape[:2], *tokens.shape[1:]))
+    relevance[:, :, 0] = copy_relevance(trace.head_input, [head_relevance])  # class-token pool
     found = []
     pairs = zip(vit.blocks[first_block:], trace.blocks[first_block:], strict=True)
     for block, record in reversed(list(pairs)):
@@ -165,7 +173,7 @@ def _block_relevance(
     tokens, update = sum_relevance(record.tokens, record.attention_update, middle)
     merged = linear_relevance(record.merged, block.attn.proj.weight, update)
     heads, head_dim = record.attended.shape[1], record.attended.shape[-1]
-    attended = merged.unflatten(-1, (heads, head_dim)).transpose(-3, -2)  # [B, H, T, d]
+    attended = merged.unflatten(-1, (heads, head_dim)).transpose(-3, -2)  # [B, K, H, T, d]
     attention, value = product_relevance(record.attention, record.value, attended)
     query, key = product_relevance(record.query, record.key.transpose(-2, -1), attention)
     stacked = torch.cat(

@@ -192,11 +192,12 @@ def test_lrp_conserves_relevance(vit, images) -> None:
     model = copy.deepcopy(vit).double()
     with differentiable_eval(model), torch.no_grad():
         trace = trace_vit(model, images.double())
-        one_hot = torch.nn.functional.one_hot(torch.tensor([2, 4]), NUM_CLASSES).double()
+        one_hot = torch.nn.functional.one_hot(CLASSES, NUM_CLASSES).double()  # [B, K, N]
         for first in range(3):
             tokens, attentions = relevance_propagation(model, trace, one_hot, first)
             assert len(attentions) == 3 - first
-            torch.testing.assert_close(tokens.sum(dim=(1, 2)), torch.ones(2, dtype=torch.float64))
+            totals = tokens.sum(dim=(2, 3))
+            torch.testing.assert_close(totals, torch.ones(2, 2, dtype=torch.float64))
 
 
 def test_register_tokens_stay_out_of_the_map(images) -> None:

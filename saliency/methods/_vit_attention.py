@@ -47,6 +47,36 @@ class ViTAttentionMethod(SaliencyMethod):
         return value
 
 
+class IntegratedAttentionMethod(ViTAttentionMethod):
+    """A method weighted by the integrated gradient of the last attention map (T-attn's
+    class weights, Bi-attn's reasoning feedback): ``first_block``, ``steps`` S of
+    α ∈ linspace(0, 1, S), ``batch_size`` scaled images per forward pass."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: str | None,
+        first_block: int,
+        steps: int,
+        batch_size: int | None,
+    ) -> None:
+        super().__init__(model, layer)
+        self.first_block = self.check_block("first_block", first_block)
+        check_steps(steps, batch_size)
+        self.steps = steps
+        self.batch_size = batch_size
+
+    def integrated_feedback(
+        self, images: torch.Tensor, classes: torch.Tensor, at_one: torch.Tensor
+    ) -> torch.Tensor:
+        """``mean_h max(0, (1/S) Σ_α ∂y_c(α·x)/∂A_{L−1}(α·x))`` ``[B, K, T, T]`` given the
+        α = 1 term ``at_one`` ``[B, K, H, T, T]`` (the caller's traced forward of the images);
+        the other S − 1 scaled images run here."""
+        alphas = torch.linspace(0.0, 1.0, self.steps, dtype=torch.float64)[:-1]
+        total = at_one + scaled_attention_gradients(self, images, classes, alphas, self.batch_size)
+        return (total / self.steps).clamp(min=0).mean(dim=2)
+
+
 def check_steps(steps: int, batch_size: int | None) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ConfigurationError(

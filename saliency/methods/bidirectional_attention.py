@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saliency.methods._vit_attention import (
-    ViTAttentionMethod,
-    check_steps,
-    scaled_attention_gradients,
-)
+from saliency.methods._vit_attention import IntegratedAttentionMethod
 from saliency.methods.registry import register_method
 from saliency.vit_attention import (
     class_attention_gradients,
@@ -23,7 +19,7 @@ from saliency.vit_blocks import patch_grid
 
 
 @register_method("bidirectional_attention")
-class BidirectionalAttention(ViTAttentionMethod):
+class BidirectionalAttention(IntegratedAttentionMethod):
     """Bi-attn (Chen, Li, Yu, Dou & Xiong, "Beyond Intuition: Rethinking Token Attributions
     inside Transformers", TMLR 2023), the head-wise variant ("Ours-H"): attention perception
     (a head-weighted attention rollout) times reasoning feedback (an integrated gradient of
@@ -58,17 +54,12 @@ class BidirectionalAttention(ViTAttentionMethod):
         steps: int = 20,
         batch_size: int | None = None,
     ) -> None:
-        super().__init__(model, layer)
-        self.first_block = self.check_block("first_block", first_block)
-        check_steps(steps, batch_size)
-        self.steps = steps
-        self.batch_size = batch_size
+        super().__init__(model, layer, first_block, steps, batch_size)
 
     def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         grid = patch_grid(self.vit, images)
         prefix = self.vit.num_prefix_tokens
         classes = classes.to(images.device)
-        alphas = torch.linspace(0.0, 1.0, self.steps, dtype=torch.float64)
         with differentiable_eval(self.vit):
             trace = trace_vit(self.vit, images, self.first_block)
             attentions = [block.attention for block in trace.blocks[self.first_block :]]
@@ -76,10 +67,7 @@ class BidirectionalAttention(ViTAttentionMethod):
             for gradients in class_attention_gradients(class_scores(trace, classes), attentions):
                 perceptions.append(attention_perception(attentions, gradients))
                 last_gradients.append(gradients[-1])
-            total = torch.stack(last_gradients, dim=1) + scaled_attention_gradients(
-                self, images, classes, alphas[:-1], self.batch_size
-            )
-        feedback = (total / self.steps).clamp(min=0).mean(dim=2)  # [B, K, T, T]
+            feedback = self.integrated_feedback(images, classes, torch.stack(last_gradients, 1))
         return class_token_row(feedback * torch.stack(perceptions, dim=1), prefix, grid)
 
 

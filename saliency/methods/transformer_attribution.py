@@ -40,9 +40,9 @@ class TransformerAttribution(ViTAttentionMethod):
     explained with its own sums. What the rules approximate (LayerNorm, GELU and softmax pass
     relevance unchanged, biases get none) is listed in :mod:`saliency.transformer_lrp`.
 
-    Cost: one traced forward; per class one backward (the attention gradients) and one
-    relevance pass down to ``first_block`` (K classes per call, batched over the images),
-    only activation gradients.
+    Cost: one traced forward, one relevance pass down to ``first_block`` for all K classes
+    (the class-independent denominators of the rules computed once) and one backward per
+    class (the attention gradients), batched over the images; only activation gradients.
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None, first_block: int = 0) -> None:
@@ -58,17 +58,19 @@ class TransformerAttribution(ViTAttentionMethod):
             trace = trace_vit(self.vit, images, self.first_block)
             scores = class_scores(trace, classes)
             attentions = [block.attention for block in trace.blocks[self.first_block :]]
+            # the relevance pass: arithmetic on the trace, all classes at once, in the
+            # parameters' precision (under autocast its divisions would run in half precision)
+            with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+                one_hot = F.one_hot(classes, trace.logits.shape[1])
+                output_relevance = one_hot.to(self.vit.head.weight.dtype)  # [B, K, N]
+                _, relevances = relevance_propagation(
+                    self.vit, trace, output_relevance, self.first_block
+                )
             maps = []
             for k, gradients in enumerate(class_attention_gradients(scores, attentions)):
-                # the relevance pass: arithmetic on the trace, in the parameters' precision
-                # (under autocast the rules' divisions would otherwise run in half precision)
-                with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-                    one_hot = F.one_hot(classes[:, k], trace.logits.shape[1])
-                    output_relevance = one_hot.to(self.vit.head.weight.dtype)
-                    _, relevances = relevance_propagation(
-                        self.vit, trace, output_relevance, self.first_block
-                    )
-                    maps.append(relevance_rollout(gradients, relevances))
+                with torch.no_grad():
+                    class_relevances = [relevance[:, k] for relevance in relevances]
+                    maps.append(relevance_rollout(gradients, class_relevances))
         return class_token_row(torch.stack(maps, dim=1), prefix, grid)
 
 

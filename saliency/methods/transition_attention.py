@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from saliency.methods._vit_attention import (
-    ViTAttentionMethod,
-    check_steps,
-    scaled_attention_gradients,
-)
+from saliency.methods._vit_attention import IntegratedAttentionMethod
 from saliency.methods.registry import register_method
 from saliency.vit_attention import (
     class_attention_gradients,
@@ -21,7 +17,7 @@ from saliency.vit_blocks import patch_grid
 
 
 @register_method("transition_attention")
-class TransitionAttention(ViTAttentionMethod):
+class TransitionAttention(IntegratedAttentionMethod):
     """Transition attention maps (T-attn; Yuan, Li, Xiong, Cao & Dou, "Explaining Information
     Flow Inside Vision Transformers Using Markov Chain", NeurIPS 2021 XAI4Debugging workshop):
     the class token's state propagated backwards through the attention Markov chain, weighted
@@ -54,27 +50,19 @@ class TransitionAttention(ViTAttentionMethod):
         steps: int = 20,
         batch_size: int | None = None,
     ) -> None:
-        super().__init__(model, layer)
-        self.first_block = self.check_block("first_block", first_block)
-        check_steps(steps, batch_size)
-        self.steps = steps
-        self.batch_size = batch_size
+        super().__init__(model, layer, first_block, steps, batch_size)
 
     def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         grid = patch_grid(self.vit, images)
         prefix = self.vit.num_prefix_tokens
         classes = classes.to(images.device)
-        alphas = torch.linspace(0.0, 1.0, self.steps, dtype=torch.float64)
         with differentiable_eval(self.vit):
             trace = trace_vit(self.vit, images, self.first_block)
             last = trace.blocks[-1].attention
             gradients = class_attention_gradients(class_scores(trace, classes), [last])
-            total = torch.stack([g for (g,) in gradients], dim=1)  # α = 1: [B, K, H, T, T]
-            total = total + scaled_attention_gradients(
-                self, images, classes, alphas[:-1], self.batch_size
-            )
+            at_one = torch.stack([g for (g,) in gradients], dim=1)  # [B, K, H, T, T]
+            weights = self.integrated_feedback(images, classes, at_one)[:, :, 0]  # [B, K, T]
             state = last.detach().mean(dim=1)[:, :1]  # [B, 1, T]
             for block in reversed(trace.blocks[self.first_block : -1]):
                 state = state @ block.attention.detach().mean(dim=1) + state
-        weights = (total / self.steps).clamp(min=0).mean(dim=2)[:, :, 0]  # [B, K, T]
         return (state * weights)[..., prefix:].unflatten(-1, grid)
