@@ -25,8 +25,16 @@ from saliency.methods.base import SaliencyMethod
 from saliency.methods.registry import (
     create_method,
     list_methods,
+    method_factory,
     method_options,
     register_method,
 )
 
-__all__ = ["SaliencyMethod", "create_method", "list_methods", "method_options", "register_method"]
+__all__ = [
+    "SaliencyMethod",
+    "create_method",
+    "list_methods",
+    "method_factory",
+    "method_options",
+    "register_method",
+]

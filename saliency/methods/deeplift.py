@@ -22,8 +22,8 @@ from saliency.methods.input_gradients import (
 from saliency.methods.registry import register_method
 
 # Element-wise nonlinearities whose derivative the Rescale rule replaces by Δy/Δx. Captum's
-# DeepLift hooks the first six; GELU and SiLU are element-wise too (Shrikumar et al. Sec. 3.5.1
-# covers every element-wise nonlinearity), where Captum would back-propagate their gradient.
+# DeepLift hooks the first six; GELU and SiLU are element-wise too (the Rescale rule is stated
+# for any element-wise nonlinearity), where Captum would back-propagate their gradient.
 ELEMENTWISE: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.LeakyReLU,
@@ -74,10 +74,9 @@ SUPPORTED = (
 
 @register_method("deeplift")
 class DeepLIFT(InputGradientMethod):
-    """DeepLIFT (Shrikumar et al., ICML 2017) with the Rescale rule (Sec. 3.5.1), as Captum's
-    ``DeepLift``: ``R_c = (x − x') ⊙ m_c``, where ``m_c`` is the gradient of ``S_c`` with the
-    derivative of every nonlinearity replaced by its multiplier (the chain rule for
-    multipliers, Sec. 3.3):
+    """DeepLIFT (Shrikumar et al., ICML 2017) with the Rescale rule, as Captum's ``DeepLift``:
+    ``R_c = (x − x') ⊙ m_c``, where ``m_c`` is the gradient of ``S_c`` with the derivative of
+    every nonlinearity replaced by its multiplier (the paper's chain rule for multipliers):
 
     - element-wise ``y = f(z)``: ``m = Δy / Δz = (f(z) − f(z')) / (z − z')``, the local
       derivative where ``|Δz| < eps`` (Captum's ``eps=1e-10``);
@@ -85,7 +84,7 @@ class DeepLIFT(InputGradientMethod):
       window goes to the input's arg-max position and ``o − max(o, o')`` to the baseline's,
       divided by ``Δz`` there (the plain gradient where ``|Δz| < eps``).
 
-    ``z'``, ``o'`` are the layers' values on the baseline ``x'``. Summation-to-delta (Eq. 1):
+    ``z'``, ``o'`` are the layers' values on the baseline ``x'``. Summation-to-delta:
     ``Σ R_c = S_c(x) − S_c(x')`` exactly (up to rounding); for a linear model ``R_c`` is
     gradient × (x − x'). ``baseline`` ``x'``: a number or a tensor broadcastable to
     ``[B, C, H, W]`` (default 0, Captum's, in the space the model sees).

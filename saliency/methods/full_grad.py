@@ -22,8 +22,10 @@ Rescale = Literal["channel", "layer"]
 
 @register_method("full_grad")
 class FullGrad(SaliencyMethod):
-    """FullGrad (Srinivas & Fleuret, NeurIPS 2019, Sec. 4, Eq. 5), as pytorch-grad-cam's
-    ``FullGrad``:
+    """FullGrad (Srinivas & Fleuret, NeurIPS 2019, Sec. 4, "FullGrad saliency"), as
+    pytorch-grad-cam's ``FullGrad`` (the paper's text is not among this project's sources; the
+    per-channel ψ below is pytorch-grad-cam's reading of it, the authors' code rescales per
+    layer, see ``rescale``):
 
     ``S_c(x) = ψ(∇_x y_c ⊙ x) + Σ_l Σ_{k ∈ channels(l)} ψ(b_{l,k} · ∇_{z_l} y_c[k])``
 
@@ -32,7 +34,7 @@ class FullGrad(SaliencyMethod):
     layer's output and ``y_c`` the logit. ``ψ`` is ``|·|``, a min-max rescale to ``[0, 1]`` and a
     bilinear resize to the input (``align_corners=False``, as ``cv2.resize``), per ``rescale``:
 
-    - ``"channel"`` (default; pytorch-grad-cam, and the paper's ``Σ_k ψ(·_k)``): every channel
+    - ``"channel"`` (default; pytorch-grad-cam): every channel
       of every term (each colour channel of the input term, each channel of each layer) is
       rescaled on its own, then the channels are summed;
     - ``"layer"`` (the authors' code, ``idiap/fullgrad-saliency``): each term is rescaled over

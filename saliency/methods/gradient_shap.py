@@ -34,9 +34,10 @@ class ShapDraws(NamedTuple):
 
 @register_method("gradient_shap")
 class GradientSHAP(InputGradientMethod):
-    """GradientSHAP (Captum's ``GradientShap``; Lundberg & Lee, NeurIPS 2017), the Monte-Carlo
-    estimate of Expected Gradients (Erion et al., Nature Machine Intelligence 2021, Eq. 3:
-    ``E_{x'∼D, α∼U(0,1)} [(x − x') ⊙ ∂S_c(x' + α(x − x'))/∂x]``) with SmoothGrad noise:
+    """GradientSHAP (Captum's ``GradientShap``, after SHAP's ``GradientExplainer``; Lundberg &
+    Lee, NeurIPS 2017), the Monte-Carlo estimate of Expected Gradients (Erion et al., Nature
+    Machine Intelligence 2021: ``E_{x'∼D, α∼U(0,1)} [(x − x') ⊙ ∂S_c(x' + α(x − x'))/∂x]``)
+    with SmoothGrad noise:
 
     ``φ_c(x) = 1/S Σ_s (x̃_s − x'_s) ⊙ ∂S_c(x'_s + α_s (x̃_s − x'_s))/∂x``,
     ``x̃_s = x + σ ε_s``, ``ε_s ∼ N(0, I)``, ``α_s ∼ U[0, 1)``, ``x'_s ∼ D``,
