@@ -139,11 +139,16 @@ def _drop_last_linear(model: nn.Module, model_name: str) -> int:
 
 def load_linear_head(path: str | Path) -> nn.Linear:
     """An ``nn.Linear`` from a ``torch.save`` file holding ``weight`` ``[N, D]`` and ``bias``
-    ``[N]`` (also under ``head.weight`` / ``head.bias``; a head without bias has no ``bias``)."""
+    ``[N]`` (also under ``head.weight`` / ``head.bias``; a head without bias has no ``bias``),
+    or from a ``train.py`` probe checkpoint, whose head is ``model.head.*`` of its state dict."""
     path = Path(path)
     if not path.is_file():
         raise ConfigurationError(f"linear head file not found: {path}")
-    state = load_torch_file(path, "a linear head {'weight': [N, D], 'bias': [N]}")
+    state = load_torch_file(
+        path, "a linear head {'weight': [N, D], 'bias': [N]} or a train.py probe checkpoint"
+    )
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}
     keys = next((k for k in HEAD_KEYS if isinstance(state, dict) and k[0] in state), None)
     if keys is None:
         found = sorted(map(str, state))[:10] if isinstance(state, dict) else type(state).__name__

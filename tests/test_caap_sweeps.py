@@ -137,7 +137,10 @@ def test_sweeps_equal_direct_caap_and_metric_calls(tmp_path):
         for metric, values in expected.items():
             got = values_of(per_sample, cutoff, operator, metric)
             assert got.shape == (5,), (cutoff, operator, metric)
-            assert torch.allclose(got, values.double(), atol=2e-4), (cutoff, operator, metric)
+            # The parallel and loop forms differ by float32 rounding, which can reorder pixels
+            # of near-equal saliency: 2e-4 per AUC, so twice that for Ins − Del.
+            atol = 4e-4 if metric == "insertion_minus_deletion" else 2e-4
+            assert torch.allclose(got, values.double(), atol=atol), (cutoff, operator, metric)
     # The sweep is not trivial: the depth changes the maps' faithfulness.
     assert not torch.equal(
         values_of(per_sample, 1, "box1", "insertion_auc"),

@@ -108,6 +108,21 @@ def test_malformed_head_files_are_rejected(state, expected, tmp_path):
         load_linear_head(tmp_path / "head.pt")
 
 
+def test_head_is_read_from_a_probe_checkpoint(tmp_path):
+    """head_path takes train.py's probe checkpoint: the head is ``model.head.*`` of its state
+    dict (a LinearProbeModule's layout), loaded with weights_only=True like any checkpoint."""
+    torch.manual_seed(0)
+    state_dict = {
+        "model.backbone.blocks.0.weight": torch.randn(4, 4),
+        "model.head.weight": torch.randn(3, 8),
+        "model.head.bias": torch.randn(3),
+    }
+    torch.save({"state_dict": state_dict, "epoch": 99}, tmp_path / "last.ckpt")
+    head = load_linear_head(tmp_path / "last.ckpt")
+    assert torch.equal(head.weight, state_dict["model.head.weight"])
+    assert torch.equal(head.bias, state_dict["model.head.bias"])
+
+
 @pytest.mark.parametrize(("pooling", "prefix"), [("cls", ""), ("mean_patch", "head.")])
 def test_vit_probe_logits_equal_head_of_pooled_tokens(pooling, prefix, tmp_path):
     torch.manual_seed(0)
