@@ -7,7 +7,8 @@ non-fused attention, LRP rules evaluated with autograd as the authors' ``relprop
 class dependence, one call for K classes of B images = one call per image and class,
 closed forms (uniform attention: T-attn's and Bi-attn's rollouts are powers of two times the
 last map; a head without class evidence gives zero maps; LRP conserves relevance), the
-Hugging Face ViT through its timm view, VAR over T-attn and T-LRP, and the errors.
+Hugging Face ViT through its timm view, VAR over T-attn and T-LRP (and its refusal of
+class-agnostic rollout and Eigen-CAM on the same ViT), and the errors.
 """
 
 from __future__ import annotations
@@ -221,6 +222,18 @@ def test_var_over_the_transformer_bases_is_non_zero_and_class_dependent(vit, ima
     assert maps.abs().amax() > 0
     for image in range(2):
         assert (maps[image, 0] - maps[image, 1]).abs().amax() > 0
+
+
+@pytest.mark.parametrize(
+    ("base", "layer"), [("attention_rollout", None), ("eigen_cam", "blocks.2.norm1")]
+)
+def test_var_refuses_a_class_agnostic_base_on_the_vit(vit, base, layer) -> None:
+    """Issue 19's acceptance: over rollout or Eigen-CAM every class gets the same map, so VAR
+    refuses them on the same ViT (each builds on it alone)."""
+    maps = create_method(base, vit, layer)(torch.randn(1, 3, 32, 32), torch.tensor([[0, 3]]))
+    torch.testing.assert_close(maps[:, 0], maps[:, 1])  # class-agnostic indeed
+    with pytest.raises(ConfigurationError, match=rf"var base '{base}' is class-agnostic"):
+        create_method("var", vit, layer, base=base)
 
 
 def test_the_hugging_face_vit_through_its_timm_view(images) -> None:
