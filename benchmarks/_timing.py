@@ -36,6 +36,26 @@ def median_seconds(
     return statistics.median(times)
 
 
+def interleaved_median_seconds(
+    functions: list[Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+) -> list[float]:
+    """Median wall time of each function, the functions called in turn ``repeats`` times (after
+    ``warmup`` rounds), so a change of load on a shared machine affects them alike and their
+    ratios stay meaningful."""
+    for _ in range(warmup):
+        for function in functions:
+            function()
+    synchronise(device)
+    times: list[list[float]] = [[] for _ in functions]
+    for _ in range(repeats):
+        for function, measured in zip(functions, times, strict=True):
+            start = time.perf_counter()
+            function()
+            synchronise(device)
+            measured.append(time.perf_counter() - start)
+    return [statistics.median(measured) for measured in times]
+
+
 class PeakMemory:
     """Peak CUDA memory while the ``with`` block runs (``None`` on other devices): ``peak_mib``
     = most memory allocated at once; ``extra_mib`` = that minus what was allocated on entry
@@ -76,6 +96,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "cpu_threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -86,6 +108,15 @@ def environment(device: torch.device) -> dict[str, Any]:
         info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
         info["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
     return info
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else the platform's processor string)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or None
 
 
 def write_json(result: dict[str, Any], path: str | Path) -> Path:

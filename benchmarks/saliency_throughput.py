@@ -17,6 +17,13 @@ extractor call per class). Checks against the methods issue's targets are report
     uv run python benchmarks/saliency_throughput.py --device cuda --methods grad_cam case
     uv run python benchmarks/saliency_throughput.py --model timm:vit_base_patch16_224 \
         --layer blocks.11.norm1 --methods grad_cam attention_rollout
+    uv run python benchmarks/saliency_throughput.py --device cpu --model resnet18 \
+        --image-size 64 --batch-size 4 --no-library --methods occlusion gradient_shap \
+        deeplift full_grad --output benchmarks/results/method_class_cost_cpu.json \
+        --machine "shared 2-core development machine"
+
+Methods that read the sample ``index`` (GradientSHAP's seeded draws) get ``0 … B−1``; methods
+reading other batch fields (the reference maps' masks) are listed as skipped.
 
 Suites of the perturbation and transformer methods (the first argument picks one; the rest
 are that suite's options, ``--help`` lists them):
@@ -24,6 +31,7 @@ are that suite's options, ``--help`` lists them):
     uv run python benchmarks/saliency_throughput.py score_cam   # Score-CAM / Ablation-CAM vs pytorch-grad-cam
     uv run python benchmarks/saliency_throughput.py caap        # CAAP parallel vs per-patch loop (ViT-Ti 224²)
     uv run python benchmarks/saliency_throughput.py cluscam     # ClusCAM: clustering vs scoring time
+    uv run python benchmarks/saliency_throughput.py vit_attention  # ViT attention attributions, K classes
 
 Writes JSON (default ``benchmarks/results/saliency_throughput_<device>.json``) and prints a
 table. Random-init weights: speed does not depend on them.
@@ -46,6 +54,7 @@ from benchmarks._host_syncs import count_host_round_trips
 from benchmarks._timing import (
     PeakMemory,
     environment,
+    interleaved_median_seconds,
     load_average,
     median_seconds,
     print_checks,
@@ -176,6 +185,7 @@ SUITES = {
     "score_cam": "benchmarks.score_cam_throughput",
     "caap": "benchmarks.caap_throughput",
     "cluscam": "benchmarks.cluscam_cost",
+    "vit_attention": "benchmarks.vit_attention_cost",
 }
 
 
@@ -213,6 +223,9 @@ def gradient_cam_suite(argv: list[str]) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None)
+    parser.add_argument(
+        "--machine", default=None, help="free text naming the machine, recorded in the JSON"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -246,15 +259,32 @@ def gradient_cam_suite(argv: list[str]) -> dict[str, Any]:
                 row["skipped"] = str(error)
                 rows.append(row)
                 continue
-        with PeakMemory(device) as memory_1:
-            one = median_seconds(
-                lambda m=method: m(images, classes[:, :1]), device, args.repeats, args.warmup
-            )
+        declared = tuple(getattr(method, "batch_fields", ()))
+        if set(declared) - {"index"}:
+            row["skipped"] = f"reads the batch fields {declared}; only index is fabricated here"
+            rows.append(row)
+            continue
+        fields = {"index": torch.arange(args.batch_size, device=device)} if declared else {}
+
+        def one_class(m=method, f=fields) -> torch.Tensor:
+            return m(images, classes[:, :1], **f)
+
+        def k_classes(m=method, f=fields) -> torch.Tensor:
+            return m(images, classes, **f)
+
+        # in turn, so load changes on a shared machine hit both timings of the k_over_1 ratio
+        one, many = interleaved_median_seconds(
+            [one_class, k_classes], device, args.repeats, args.warmup
+        )
+        with PeakMemory(device) as memory_1:  # CUDA only: None elsewhere
+            if device.type == "cuda":
+                one_class()
         with PeakMemory(device) as memory_k:
-            many = median_seconds(
-                lambda m=method: m(images, classes), device, args.repeats, args.warmup
-            )
-        round_trips = count_host_round_trips(lambda m=method: m(images, classes), device)
+            if device.type == "cuda":
+                k_classes()
+        round_trips = count_host_round_trips(
+            lambda m=method, f=fields: m(images, classes, **f), device
+        )
         row.update(
             seconds_1_class=one,
             seconds_k_classes=many,

@@ -13,10 +13,13 @@ position, so ordering a row by its hashes is a permutation (the tie-breaking of
 folded to 32 bits (``index ⊕ hash(index >> 32)``); splits beyond 2³² samples may share
 streams.
 
-Uniform values take the top 24 bits (``[0, 1)`` on a 2⁻²⁴ grid, exact in float32).
+Uniform values take the top 24 bits (``[0, 1)`` on a 2⁻²⁴ grid, exact in float32); normal
+values are a Box–Muller transform of two of them (:func:`index_normal`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -25,6 +28,10 @@ _MASK32 = 0xFFFFFFFF
 STREAM_RANDOM_MAP = 0  # the ``random`` reference map (saliency.methods.reference_maps)
 STREAM_RANDOM_OTHER_CLASS = 1  # Random Logit's other class (random_other_classes)
 STREAM_TIE_BREAKING = 2  # tie-break keys of masks and pixel orders (metrics.functional.ties)
+# GradientSHAP's draws (saliency.methods.gradient_shap): baseline choice, path point, noise.
+STREAM_SHAP_BASELINE = 10
+STREAM_SHAP_ALPHA = 11
+STREAM_SHAP_NOISE = 12
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -59,16 +66,36 @@ def index_hash(
 
 
 def index_uniform(
-    indices: torch.Tensor, shape: tuple[int, ...], seed: int = 0, stream: int = 0
+    indices: torch.Tensor,
+    shape: tuple[int, ...],
+    seed: int = 0,
+    stream: int = 0,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Uniform values in ``[0, 1)``, ``[B, *shape]`` float32: position ``p`` (raster order) of
-    sample ``indices[b]`` depends only on ``(seed, stream, indices[b], p)``."""
-    count = 1
-    for size in shape:
-        count *= size
-    positions = torch.arange(count, device=indices.device)
+    """Uniform values in ``[0, 1)``, ``[B, *shape]`` float32: position ``start + p`` (``p`` in
+    raster order) of sample ``indices[b]`` depends only on ``(seed, stream, indices[b],
+    start + p)``, so a long stream can be drawn in consecutive pieces (``start``)."""
+    count = math.prod(shape)
+    positions = torch.arange(start, start + count, device=indices.device)
     bits = index_hash(indices.reshape(-1), positions, seed, stream) >> 8
     return (bits.float() / float(1 << 24)).view(indices.numel(), *shape)
+
+
+def index_normal(
+    indices: torch.Tensor,
+    shape: tuple[int, ...],
+    seed: int = 0,
+    stream: int = 0,
+    start: int = 0,
+) -> torch.Tensor:
+    """Standard normal values, ``[B, *shape]`` float32, a pure function of ``(seed, stream,
+    indices[b], position)`` as :func:`index_uniform`: value ``q`` is the Box–Muller transform
+    ``sqrt(−2 ln(1 − u₁)) · cos(2π u₂)`` of the uniforms at positions ``2q`` and ``2q + 1``
+    (``1 − u₁ ∈ [2⁻²⁴, 1]``, so values are finite, ``|z| ≤ 5.8``)."""
+    count = math.prod(shape)
+    uniforms = index_uniform(indices, (count, 2), seed, stream, 2 * start)
+    radius = (-2.0 * torch.log1p(-uniforms[..., 0])).sqrt()
+    return (radius * torch.cos(2.0 * math.pi * uniforms[..., 1])).view(indices.numel(), *shape)
 
 
 def random_other_classes(

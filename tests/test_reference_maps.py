@@ -107,15 +107,9 @@ def test_batch_fields_are_checked_by_name():
         create_method("random", None)(images, classes, index=torch.arange(B + 1))
 
 
-def test_var_passes_fields_to_a_reference_map_and_keeps_nothing_of_it():
-    """Every class of C' has the same map (q = 1/K' everywhere), so VAR's tie rule keeps no
-    pixel: VAR over a class-agnostic map is 0, the expected answer."""
-    model = TinyCAMNet()
-    var = create_method("var", model, base="oracle_part")
-    assert var.batch_fields == ("part_mask",)
-    part = torch.zeros(B, H, W)
-    part[:, 3:8, 3:8] = 1.0
-    maps = var(_images(), torch.tensor([0, 1, 2]), part_mask=part)
-    assert maps.shape == (B, 1, H, W) and not bool(maps.any())
-    with pytest.raises(ConfigurationError, match="'var' reads the batch field"):
-        var(_images(), torch.tensor([0, 1, 2]))
+def test_var_refuses_a_reference_map_as_base():
+    """Every class of C' would get the same map (q = 1/K' everywhere), so VAR over a reference
+    map is 0 at every pixel: it is refused as a class-agnostic base."""
+    for name in ("oracle_part", "oracle_object", "random", "edge"):
+        with pytest.raises(ConfigurationError, match=rf"var base '{name}' is class-agnostic"):
+            create_method("var", TinyCAMNet(), base=name)

@@ -9,6 +9,7 @@ from torch import nn
 
 from saliency.errors import ConfigurationError, UnknownMethodError
 from saliency.methods import SaliencyMethod, create_method, list_methods
+from saliency.methods.registry import method_factory
 from saliency.methods.var import VAR, class_distribution, var_refine
 from saliency.targets import ClassSet, TopPredictions
 from tests.tiny_models import TinyCAMNet
@@ -264,3 +265,55 @@ def test_errors(net):
         VAR(net, "features", base=TableMethod(net, _table()))
     with pytest.raises(ConfigurationError, match=r"K' >= 2"):
         var_refine(torch.zeros(1, 4, 4))
+
+
+CLASS_AGNOSTIC = {
+    "attention_rollout",
+    "eigen_cam",
+    "oracle_part",
+    "oracle_object",
+    "random",
+    "edge",
+}
+
+
+def test_class_agnostic_bases_are_refused(net):
+    """The methods whose class declares ``class_agnostic = True`` are exactly those whose maps do
+    not depend on the class; VAR over any of them would be 0 everywhere, so it refuses them
+    (a registered name before building it, and a built method)."""
+    flagged = {
+        name for name in list_methods() if getattr(method_factory(name), "class_agnostic", False)
+    }
+    assert flagged == CLASS_AGNOSTIC
+    for name in sorted(flagged):
+        with pytest.raises(ConfigurationError, match=rf"var base '{name}' is class-agnostic"):
+            create_method("var", net, base=name)
+    built = create_method("eigen_cam", net, "features")
+    with pytest.raises(ConfigurationError, match=r"base 'eigen_cam' is class-agnostic"):
+        VAR(net, base=built)
+
+
+@pytest.mark.parametrize(
+    ("base", "base_kwargs"),
+    [
+        ("gradient_shap", {"n_samples": 4, "stdevs": 0.1}),
+        ("deeplift", {}),
+        ("occlusion", {"window": 3, "stride": 2}),
+        ("full_grad", {}),
+    ],
+)
+def test_new_bases_give_class_dependent_maps(base, base_kwargs):
+    """VAR over each issue-19 method on a small CNN: non-zero maps that differ between the two
+    explained classes of an image (batch fields such as GradientSHAP's index pass through)."""
+    torch.manual_seed(0)
+    model = TinyCAMNet(num_classes=NUM_CLASSES).eval()
+    method = create_method("var", model, base=base, base_kwargs=base_kwargs)
+    images = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        classes = model(images).topk(2, dim=1).indices  # top-1 and top-2
+    fields = {"index": torch.tensor([3, 8, 21])} if base == "gradient_shap" else {}
+    assert set(method.batch_fields) == set(fields)
+    maps = method(images, classes, **fields)
+    assert torch.isfinite(maps).all()
+    assert (maps.abs().amax(dim=(2, 3)) > 0).all()  # every image, every class
+    assert ((maps[:, 0] - maps[:, 1]).abs().amax(dim=(1, 2)) > 1e-6).all()

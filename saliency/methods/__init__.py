@@ -5,24 +5,41 @@ Importing this package registers every method defined in its modules.
 
 from saliency.methods import (  # noqa: F401  (registers the methods)
     attention_rollout,
+    bidirectional_attention,
     caap,
     case,
     cluscam,
+    deeplift,
     finer_cam,
+    full_grad,
+    grad_rollout,
     gradient_cams,
+    gradient_shap,
+    inflow,
     input_gradients,
     lrp,
+    occlusion,
     reference_maps,
     rise,
     score_cams,
+    transformer_attribution,
+    transition_attention,
     var,
 )
 from saliency.methods.base import SaliencyMethod
 from saliency.methods.registry import (
     create_method,
     list_methods,
+    method_factory,
     method_options,
     register_method,
 )
 
-__all__ = ["SaliencyMethod", "create_method", "list_methods", "method_options", "register_method"]
+__all__ = [
+    "SaliencyMethod",
+    "create_method",
+    "list_methods",
+    "method_factory",
+    "method_options",
+    "register_method",
+]

@@ -42,6 +42,8 @@ class AttentionRollout(SaliencyMethod):
     ViT with a class token read by the head (``global_pool='token'``).
     """
 
+    class_agnostic = True
+
     def __init__(
         self,
         model: nn.Module,

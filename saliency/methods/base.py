@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +27,14 @@ class SaliencyMethod(ABC):
     passes exactly the declared fields (no method is named there), and checks before any
     computation that the dataset has them. A declared field missing from a call, or a field
     the method does not declare, is a :class:`~saliency.errors.ConfigurationError`.
+
+    ``class_agnostic`` is True for a method whose map does not depend on the requested class
+    (every class of an image gets the same map: attention rollout, Eigen-CAM, the reference
+    maps). Methods that compare the maps of several classes read it (VAR refuses such a base).
     """
 
     batch_fields: tuple[str, ...] = ()
+    class_agnostic: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

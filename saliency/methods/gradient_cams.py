@@ -145,6 +145,8 @@ class EigenCAM(SaliencyMethod):
     turned into ``[B, C, h, w]`` first (``layout``, as :class:`GradientCAM`).
     """
 
+    class_agnostic = True
+
     def __init__(
         self, model: nn.Module, layer: str | None = None, layout: str | None = None
     ) -> None:

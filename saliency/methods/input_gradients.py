@@ -29,7 +29,7 @@ import saliency.methods.gradient_cams  # noqa: F401  (registers "grad_cam", used
 from saliency.errors import ConfigurationError
 from saliency.gradients import as_class_matrix
 from saliency.input_gradients import frozen_eval, input_class_gradients
-from saliency.methods.base import SaliencyMethod
+from saliency.methods.base import SaliencyMethod, check_batch_fields
 from saliency.methods.registry import create_method, register_method
 
 Reduction = Literal["sum", "abs_sum", "max_abs"]
@@ -103,19 +103,23 @@ class InputGradientMethod(SaliencyMethod):
             )
         self.reduce: Reduction = reduce
 
-    def compute(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return reduce_channels(self.attributions(images, classes), self.reduce)
+    def compute(self, images: torch.Tensor, classes: torch.Tensor, **fields) -> torch.Tensor:
+        return reduce_channels(self.attributions(images, classes, **fields), self.reduce)
 
-    def attributions(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """The raw attribution ``[B, K, C, H, W]`` for ``classes`` ``[B]`` or ``[B, K]``."""
+    def attributions(
+        self, images: torch.Tensor, classes: torch.Tensor, **fields: torch.Tensor
+    ) -> torch.Tensor:
+        """The raw attribution ``[B, K, C, H, W]`` for ``classes`` ``[B]`` or ``[B, K]`` (and the
+        method's batch fields, e.g. GradientSHAP's ``index``)."""
         classes = as_class_matrix(classes, images.shape[0])
+        fields = check_batch_fields(self, fields, images)
         with frozen_eval(self.model):
             if images.is_inference():
                 images = images.clone()
-            return self._attributions(images.detach(), classes.to(images.device))
+            return self._attributions(images.detach(), classes.to(images.device), **fields)
 
     @abstractmethod
-    def _attributions(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def _attributions(self, images: torch.Tensor, classes: torch.Tensor, **fields) -> torch.Tensor:
         """Runs inside :func:`frozen_eval` on a normal (non-inference) tensor."""
 
 
@@ -190,32 +194,20 @@ class IntegratedGradients(InputGradientMethod):
         super().__init__(model, reduce)
         self.alphas, self.weights = quadrature(steps, method)
         self.steps, self.method = steps, method
-        if isinstance(baseline, torch.Tensor) and baseline.dim() > 4:
-            raise ConfigurationError(
-                f"integrated_gradients baseline has shape {tuple(baseline.shape)}; pass a number "
-                f"or a tensor broadcastable to [B, C, H, W]"
-            )
-        self.baseline = baseline
+        self.baseline = check_baseline(baseline, "integrated_gradients")
         self.batch_size = _check_batch_size(batch_size, "integrated_gradients")
 
     def _attributions(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        baseline = torch.as_tensor(self.baseline, dtype=images.dtype, device=images.device)
-        try:
-            baseline = baseline.broadcast_to(images.shape)
-        except RuntimeError as error:
-            raise ConfigurationError(
-                f"integrated_gradients baseline of shape {tuple(baseline.shape)} does not "
-                f"broadcast to the images' shape {tuple(images.shape)}; pass a number, a [C, H, W] "
-                f"or a [B, C, H, W] tensor"
-            ) from error
+        baseline = broadcast_baseline(self.baseline, images, "integrated_gradients")
         alphas = self.alphas.to(device=images.device, dtype=images.dtype)
         difference = images - baseline
 
-        def path_points(steps: slice, rows: slice) -> torch.Tensor:
+        def path_points(steps: slice, rows: slice) -> tuple[torch.Tensor, None]:
             start = baseline[rows].unsqueeze(0)
-            return start + alphas[steps].view(-1, 1, 1, 1, 1) * difference[rows].unsqueeze(0)
+            points = start + alphas[steps].view(-1, 1, 1, 1, 1) * difference[rows].unsqueeze(0)
+            return points, None
 
-        integral = _weighted_gradient_sum(
+        integral = weighted_gradient_sum(
             self.model, classes, path_points, self.weights, images, self.batch_size
         )
         return difference.unsqueeze(1) * integral
@@ -284,11 +276,12 @@ class SmoothGrad(InputGradientMethod):
             device=images.device,
         )
 
-        def noisy_copies(samples: slice, rows: slice) -> torch.Tensor:
-            return images[rows].unsqueeze(0) + sigma[rows].unsqueeze(0) * noise[samples, None]
+        def noisy_copies(samples: slice, rows: slice) -> tuple[torch.Tensor, None]:
+            noisy = images[rows].unsqueeze(0) + sigma[rows].unsqueeze(0) * noise[samples, None]
+            return noisy, None
 
         weights = torch.full((self.n_samples,), 1 / self.n_samples, dtype=torch.float64)
-        return _weighted_gradient_sum(
+        return weighted_gradient_sum(
             self.model, classes, noisy_copies, weights, images, self.batch_size
         )
 
@@ -388,16 +381,18 @@ def _positive_part(gradient: torch.Tensor) -> torch.Tensor:
     return gradient.clamp(min=0)
 
 
-def _weighted_gradient_sum(
+def weighted_gradient_sum(
     model: nn.Module,
     classes: torch.Tensor,
-    make_inputs: Callable[[slice, slice], torch.Tensor],
+    make_inputs: Callable[[slice, slice], tuple[torch.Tensor, torch.Tensor | None]],
     weights: torch.Tensor,
     images: torch.Tensor,
     batch_size: int,
 ) -> torch.Tensor:
-    """``Σ_s w_s ∂S_{c_bk}/∂x`` evaluated at ``make_inputs(steps, rows)`` (``[m, nb, C, H, W]``:
-    the points of steps ``steps`` for images ``rows``), ``[B, K, C, H, W]``.
+    """``Σ_s w_s f_s ⊙ ∂S_{c_bk}/∂x`` evaluated at the points of ``make_inputs(steps, rows)``,
+    ``[B, K, C, H, W]``. ``make_inputs`` returns the points ``[m, nb, C, H, W]`` of steps
+    ``steps`` for images ``rows`` and their factors ``f_s`` (same shape; ``None``: 1), which
+    multiply each point's gradient before the sum (GradientSHAP's ``x − x'_s``).
 
     At most ``batch_size`` images per forward pass: ``max(1, batch_size // B)`` steps of all
     images at a time, or ``batch_size`` images of one step when ``B > batch_size``.
@@ -413,13 +408,45 @@ def _weighted_gradient_sum(
         steps = slice(first_step, min(first_step + steps_per_chunk, num_steps))
         for first_image in range(0, num_images, images_per_chunk):
             rows = slice(first_image, first_image + images_per_chunk)
-            inputs = make_inputs(steps, rows)  # [m, nb, C, H, W]
+            inputs, factors = make_inputs(steps, rows)  # [m, nb, C, H, W]
             m, nb = inputs.shape[:2]
             gradients = input_class_gradients(
                 model, inputs.flatten(0, 1), classes[rows].repeat(m, 1)
             ).gradients.unflatten(0, (m, nb))
+            if factors is not None:
+                gradients = gradients * factors.unsqueeze(2)  # [m, nb, K, C, H, W]
             total[rows] += (gradients * weights[steps].view(-1, 1, 1, 1, 1, 1)).sum(dim=0)
     return total
+
+
+def check_baseline(baseline: float | torch.Tensor, method: str) -> float | torch.Tensor:
+    """``baseline`` (a number or a tensor of at most 4 dims) if it can broadcast to images."""
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, torch.Tensor)):
+        raise ConfigurationError(
+            f"{method} baseline must be a number or a tensor broadcastable to [B, C, H, W], "
+            f"got {type(baseline).__name__}"
+        )
+    if isinstance(baseline, torch.Tensor) and baseline.dim() > 4:
+        raise ConfigurationError(
+            f"{method} baseline has shape {tuple(baseline.shape)}; pass a number or a tensor "
+            f"broadcastable to [B, C, H, W]"
+        )
+    return baseline
+
+
+def broadcast_baseline(
+    baseline: float | torch.Tensor, images: torch.Tensor, method: str
+) -> torch.Tensor:
+    """``baseline`` as a ``[B, C, H, W]`` tensor (a broadcast view) on the images' device and
+    in their dtype; a :class:`ConfigurationError` when the shapes do not broadcast."""
+    value = torch.as_tensor(baseline, dtype=images.dtype, device=images.device)
+    try:
+        return value.broadcast_to(images.shape)
+    except RuntimeError as error:
+        raise ConfigurationError(
+            f"{method} baseline of shape {tuple(value.shape)} does not broadcast to the images' "
+            f"shape {tuple(images.shape)}; pass a number, a [C, H, W] or a [B, C, H, W] tensor"
+        ) from error
 
 
 def _check_batch_size(batch_size: int, method: str) -> int:

@@ -39,6 +39,7 @@ class ReferenceMap(SaliencyMethod):
     (the evaluation lists these methods under layer ``input``)."""
 
     layer = None
+    class_agnostic = True
 
     def __init__(self, model: nn.Module | None = None, layer: str | None = None) -> None:
         super().__init__(model)

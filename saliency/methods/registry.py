@@ -35,6 +35,18 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def method_factory(name: str) -> Callable[..., Any]:
+    """The class (or factory) registered as ``name``, e.g. to read its metadata before building
+    it (``class_agnostic``, ``batch_fields``)."""
+    if name not in _REGISTRY:
+        suggestions = closest(name, _REGISTRY)
+        hint = f"did you mean {', '.join(suggestions)}? " if suggestions else ""
+        raise UnknownMethodError(
+            f"unknown saliency method {name!r}; {hint}available: {', '.join(list_methods())}"
+        )
+    return _REGISTRY[name]
+
+
 def method_options(name: str) -> frozenset[str]:
     """The keyword arguments the factory registered as ``name`` accepts (its signature)."""
     if name not in _REGISTRY:
@@ -50,14 +62,9 @@ def create_method(name: str, model: nn.Module, layer: str | None = None, **kwarg
     reads batch fields (its ``batch_fields``, e.g. ``("part_mask",)`` for ``oracle_part``) gets
     them by name: ``method(images, classes, part_mask=masks)``.
     """
-    if name not in _REGISTRY:
-        suggestions = closest(name, _REGISTRY)
-        hint = f"did you mean {', '.join(suggestions)}? " if suggestions else ""
-        raise UnknownMethodError(
-            f"unknown saliency method {name!r}; {hint}available: {', '.join(list_methods())}"
-        )
+    factory = method_factory(name)
     try:
-        return _REGISTRY[name](model, layer=layer, **kwargs)
+        return factory(model, layer=layer, **kwargs)
     except TypeError as error:
         if "unexpected keyword argument" in str(error):
             raise ConfigurationError(f"saliency method {name!r}: {error}") from error

@@ -12,9 +12,9 @@ from torch import nn
 
 from saliency.errors import ConfigurationError, UnknownMethodError
 from saliency.gradients import as_class_matrix
-from saliency.methods.base import SaliencyMethod, check_batch_fields, upsample
+from saliency.methods.base import SaliencyMethod, check_batch_fields, method_name, upsample
 from saliency.methods.gradient_cams import GradientCAM
-from saliency.methods.registry import create_method, register_method
+from saliency.methods.registry import create_method, method_factory, register_method
 from saliency.targets import ClassSet
 
 Mode = Literal["paper", "code"]
@@ -78,9 +78,12 @@ class VAR(SaliencyMethod):
     can also be passed per call: ``var(images, classes, class_set=grid_labels)``.
 
     A base that reads batch fields (a reference map, :mod:`saliency.methods.reference_maps`)
-    gets them through VAR: ``var(images, classes, part_mask=...)``. Over a class-agnostic base
-    every class of C′ has the same map, so ``q = 1/K′`` everywhere and the output is 0 — the
-    tie rule above, and the expected answer of a method that does not depend on the class.
+    gets them through VAR: ``var(images, classes, part_mask=...)``.
+
+    A class-agnostic base (``class_agnostic = True`` on the method class: attention rollout,
+    Eigen-CAM, the reference maps) is refused with a :class:`ConfigurationError`: every class
+    of C′ would have the same map, so ``q = 1/K′`` everywhere and the output would be 0 at
+    every pixel (the tie rule above) — a result that says nothing about the base.
     """
 
     def __init__(
@@ -380,7 +383,7 @@ def _build_base(
                 "var got a built base method together with layer= or base_kwargs=; pass "
                 "either base=<method name> with layer/base_kwargs, or a built method alone"
             )
-        return base
+        return _class_dependent(base)
     if not isinstance(base, str):
         raise ConfigurationError(
             f"var base must be a registered method name such as 'grad_cam' or a built "
@@ -394,9 +397,26 @@ def _build_base(
             "pass the base method's layer as var's own layer= argument, not in base_kwargs"
         )
     try:
-        return create_method(base, model, layer=layer, **kwargs)
+        _class_dependent(method_factory(base), base)  # before building: its model checks
     except UnknownMethodError as error:
         raise UnknownMethodError(f"var base: {error}") from error
+    return create_method(base, model, layer=layer, **kwargs)
+
+
+def _class_dependent(base: object, name: str | None = None) -> Any:
+    """``base`` (a method or its registered class), unless its class declares it class-agnostic
+    (``class_agnostic = True``)."""
+    if getattr(base, "class_agnostic", False):
+        name = name or method_name(base)
+        raise ConfigurationError(
+            f"var base {name!r} is class-agnostic: it gives every class the same map, so VAR's "
+            f"per-pixel softmax over the class set is uniform (q = 1/K') and the refined map is "
+            f"0 everywhere; choose a class-dependent base such as grad_cam, "
+            f"integrated_gradients, gradient_shap, deeplift or occlusion (for a ViT: "
+            f"transition_attention, transformer_attribution, bidirectional_attention, "
+            f"grad_rollout or inflow)"
+        )
+    return base
 
 
 def _as_class_set(
