@@ -61,3 +61,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def deterministic_algorithms_off():
+    """``train.py`` runs in-process with ``trainer.deterministic: true`` (configs/train.yaml), and
+    Lightning leaves ``torch.use_deterministic_algorithms(True)`` set for the whole process; a
+    later test calling an op without a deterministic kernel (Captum's DeepLIFT max-unpool) would
+    then fail depending on test order. Every test ends with PyTorch's default restored."""
+    import torch
+
+    yield
+    torch.use_deterministic_algorithms(False)
