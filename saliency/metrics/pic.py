@@ -15,6 +15,9 @@ from saliency.metrics.functional.pic import (
     random_pixel_masks,
 )
 from saliency.metrics.per_sample import SampleMetric, check_batch_size, summary_statistics
+from saliency.metrics.registry import CurveInfo
+
+_INFORMATION = "normalised information level of the kept pixels (compressed size, 0–1)"
 
 
 class PerformanceInformationCurves(SampleMetric):
@@ -35,6 +38,14 @@ class PerformanceInformationCurves(SampleMetric):
 
     value_names: ClassVar[tuple[str, ...]] = ("sic_auc", "aic_auc", "sic_valid", "aic_valid")
     higher_is_better = True
+    curves: ClassVar[tuple[CurveInfo, ...]] = (
+        CurveInfo(
+            "pic_sic", "Softmax information curve (SIC)", _INFORMATION,
+            "normalised softmax score of the explained class (0–1)",
+        ),
+        CurveInfo("pic_aic", "Accuracy information curve (AIC)", _INFORMATION,
+                  "normalised accuracy (0–1)"),
+    )  # fmt: skip
 
     def __init__(
         self,
