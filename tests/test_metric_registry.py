@@ -21,6 +21,7 @@ from saliency.metrics.registry import (
     create_metric,
     list_metrics,
     metric_class,
+    register_metric,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,3 +141,23 @@ def test_options_and_values_are_checked_before_any_computation():
     assert metric_class("grid_pointing_game").needed_keys({}) == ()
     assert "batch_size" not in metric_class("deletion_auc").options()
     assert create_metric("feature_agreement", batch_size=8).fraction == 0.05
+
+
+def test_register_metric_refuses_incomplete_metadata():
+    class NoDirection(RegisteredMetric):
+        title, family = "x", "faithfulness"
+
+        def update_arguments(self, inputs):
+            return {}
+
+    with pytest.raises(TypeError, match="higher_is_better"):
+        register_metric("no_direction")(NoDirection)
+
+    class NoArguments(RegisteredMetric):
+        higher_is_better, title, family = True, "x", "faithfulness"
+
+    with pytest.raises(TypeError, match="update_arguments"):
+        register_metric("no_arguments")(NoArguments)
+    with pytest.raises(ValueError, match="registered twice"):
+        register_metric("confidence_drop")(NoArguments)
+    assert "no_direction" not in list_metrics() and "no_arguments" not in list_metrics()

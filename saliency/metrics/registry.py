@@ -93,11 +93,6 @@ class MetricInputs:
         """``(maps [B, H, W], classes [B])`` of the first column."""
         return self.maps[:, 0], self.classes[:, 0]
 
-    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self.cache:
-            self.cache[key] = compute()
-        return self.cache[key]
-
 
 class RegisteredMetric(SampleMetric):
     """Base of the registered metrics: the metadata above as class attributes, the checks of
@@ -198,6 +193,8 @@ def register_metric(name: str) -> Callable[[Metric], Metric]:
                 f"metric {name!r} ({cls.__name__}) needs a title, a family in {FAMILIES} and a "
                 f"target_kind in {TARGET_KINDS}"
             )
+        if cls.update_arguments is RegisteredMetric.update_arguments:
+            raise TypeError(f"metric {name!r} ({cls.__name__}) must define update_arguments")
         cls.name = name
         if not cls.__dict__.get("outputs"):
             cls.outputs = {"": cls.title}
