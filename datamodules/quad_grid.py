@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import collate_samples
+from datamodules.base import SplitLoaders
 from datamodules.confidence_filter import RAO_CONFIDENCE, confident_indices, model_device
 from datamodules.dataset_labels import dataset_labels
 from datamodules.quad_grid_dataset import QuadGridDataset
@@ -46,7 +46,7 @@ def _base_image_size(base: Any, dataset: Dataset) -> int:
     return int(height)
 
 
-class QuadGridDataModule(L.LightningDataModule):
+class QuadGridDataModule(SplitLoaders, L.LightningDataModule):
     """Quad grids (module docstring; Rao et al. 2022, VAR App. B.1) over any datamodule with
     ``dataset(split)``, ``num_classes``, ``class_names``, ``mean`` and ``std``; those four are
     the base's. Split ``s`` of the grids is built from split ``s`` of the base.
@@ -263,25 +263,9 @@ class QuadGridDataModule(L.LightningDataModule):
         for split in self._splits_of(stage):
             self.dataset(split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def split_loader(self, split: str, shuffle: bool) -> DataLoader:
         if self.samples[split] == 0:
             raise ConfigurationError(
                 f"QuadGridDataModule has no {split} grids: set {split}_samples > 0"
             )
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_samples,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return super().split_loader(split, shuffle)
