@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -79,7 +79,21 @@ VALUE_TEXT = {
 }
 _RESERVED = ("mode", "selection", "layers", "layer")
 
-Variant = tuple[int, int, str]  # (first layer, last layer = cutoff, operator)
+
+class Variant(NamedTuple):
+    """One CAAP configuration of a sweep: patch layers ``first_layer..cutoff`` with the
+    neighbourhood ``operator`` (Sec. 3.2)."""
+
+    first_layer: int
+    cutoff: int
+    operator: str
+
+
+class SweepValue(NamedTuple):
+    """The key of one per-sample value column: a variant and a metric's value name."""
+
+    variant: Variant
+    name: str
 
 
 class CAAPSweepCallback(L.Callback):
@@ -201,8 +215,8 @@ class CAAPSweepCallback(L.Callback):
                 f"first_layer = {self.first_layer} lies above the default cutoff "
                 f"⌈2L/3⌉ = {default_cutoff} of this {depth}-block model"
             )
-        by_cutoff = [(self.first_layer, c, self.default_operator) for c in cutoffs]
-        by_operator = [(self.first_layer, default_cutoff, op) for op in self.operators]
+        by_cutoff = [Variant(self.first_layer, c, self.default_operator) for c in cutoffs]
+        by_operator = [Variant(self.first_layer, default_cutoff, op) for op in self.operators]
         return by_cutoff, by_operator
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -218,7 +232,13 @@ class CAAPSweepCallback(L.Callback):
         self._by_cutoff, self._by_operator = self.variants(self.depth)
         unique = list(dict.fromkeys([*self._by_cutoff, *self._by_operator]))
         self._methods = {
-            v: CAAP(network, mode="parallel", selection=v[2], layers=(v[0], v[1]), **kwargs)
+            v: CAAP(
+                network,
+                mode="parallel",
+                selection=v.operator,
+                layers=(v.first_layer, v.cutoff),
+                **kwargs,
+            )
             for v in unique
         }
         self._active_specs = self._applicable_metrics(_first_sample(trainer.test_dataloaders))
@@ -235,7 +255,7 @@ class CAAPSweepCallback(L.Callback):
         )
         device = pl_module.device
         self._values = {
-            (v, name): PerSampleValues(row_shape=()).to(device)
+            SweepValue(v, name): PerSampleValues(row_shape=()).to(device)
             for v in unique
             for _, name in self._value_names
         }
@@ -287,7 +307,7 @@ class CAAPSweepCallback(L.Callback):
             images, index, logits = batch["image"], batch["index"], logits[keep.to(logits.device)]
         for variant, values in self.score_batch(network, images, logits, batch).items():
             for name, value in values.items():
-                self._values[(variant, name)].update(value, index.to(value.device))
+                self._values[SweepValue(variant, name)].update(value, index.to(value.device))
 
     def score_batch(
         self,
@@ -324,9 +344,9 @@ class CAAPSweepCallback(L.Callback):
             frames.append(
                 pd.DataFrame(
                     {
-                        "first_layer": variant[0],
-                        "cutoff": variant[1],
-                        "operator": variant[2],
+                        "first_layer": variant.first_layer,
+                        "cutoff": variant.cutoff,
+                        "operator": variant.operator,
                         "metric": name,
                         "index": indices.numpy(),
                         "value": values.double().numpy(),

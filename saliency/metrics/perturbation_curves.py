@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saliency.checks import check_batch_size
 from saliency.metrics.functional.perturbation_curves import deletion_auc, insertion_auc
-from saliency.metrics.per_sample import SampleMetric, check_batch_size
+from saliency.metrics.per_sample import SampleMetric
 
 
 def _check_pixels_per_step(pixels_per_step: int | None) -> int | None:

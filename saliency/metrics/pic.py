@@ -8,13 +8,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saliency.checks import check_batch_size
 from saliency.metrics.functional.pic import (
     DEFAULT_THRESHOLDS,
     TIES,
     pic_curves,
     random_pixel_masks,
 )
-from saliency.metrics.per_sample import SampleMetric, check_batch_size, summary_statistics
+from saliency.metrics.per_sample import SampleMetric, summary_statistics
 
 
 class PerformanceInformationCurves(SampleMetric):
