@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None):
         SaliencyEvaluationCallback,
     )
     from datamodules.test_subset import sample_test_split
+    from lightning_modules.checkpoints import hand_filter_model
     from lightning_modules.cli import CONFIG_DIR, ProjectCLI, alias_seed, finish_wandb
     from lightning_modules.evaluation import SaliencyEvaluationModule
 
@@ -58,6 +59,7 @@ def main(argv: Sequence[str] | None = None):
         run=False,
     )
     trainer = cli.trainer
+    hand_filter_model(cli.datamodule)  # e.g. quad grids from confidently classified images
     evaluation = next(c for c in trainer.callbacks if isinstance(c, SaliencyEvaluationCallback))
     # Everything the config names is checked against the model and the data here, before
     # any map is computed (and before DDP starts the other processes).

@@ -17,7 +17,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     import lightning as L
 
     from callbacks.confusion_matrix import ConfusionMatrixCallback
+    from lightning_modules.checkpoints import hand_filter_model
     from lightning_modules.cli import CONFIG_DIR, ProjectCLI, alias_seed, finish_wandb
+    from lightning_modules.linear_probe import LinearProbeModule
 
     class TrainCLI(ProjectCLI):
         job_type = "train"
@@ -52,7 +54,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         run=False,
     )
     trainer = cli.trainer
-    trainer.fit(cli.model, datamodule=cli.datamodule)
+    hand_filter_model(cli.datamodule)  # e.g. quad grids from confidently classified images
+    data = cli.datamodule
+    if isinstance(cli.model, LinearProbeModule):
+        data = cli.model.fit_data(data)  # train/val as cached backbone features
+    trainer.fit(cli.model, datamodule=data)
     metrics = {
         name: float(value)
         for name, value in trainer.callback_metrics.items()

@@ -78,7 +78,7 @@ def _fit(args: argparse.Namespace, cache_dir: Path, feature_cache: bool) -> dict
         check_val_every_n_epoch=args.epochs,
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=module.fit_data(data))
     seconds = time.perf_counter() - start
     return {
         "seconds": seconds,

@@ -17,9 +17,9 @@ import uuid
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pandas as pd
-from lightning.pytorch.loggers import WandbLogger
+
+from lightning_modules.wandb_runs import log_tables_and_images, wandb_runs
 
 ANALYSES = "analyses"
 
@@ -66,35 +66,18 @@ def _log_wandb(
     tables: dict[str, pd.DataFrame],
     summary: dict[str, float],
 ) -> None:
-    for logger in trainer.loggers:
-        if not isinstance(logger, WandbLogger):
-            continue
+    prefix = f"analysis/{name}"
+    for run in wandb_runs(trainer):
         try:
-            import wandb
-
-            run = logger.experiment
             for key, value in summary.items():
-                run.summary[f"analysis/{name}/{key}"] = value
-            run.log(
-                {
-                    **{
-                        f"analysis/{name}/{key}": wandb.Table(dataframe=_wandb_safe(table))
-                        for key, table in tables.items()
-                    },
-                    **{
-                        f"analysis/{name}/{path.stem}": wandb.Image(str(path))
-                        for path in sorted(directory.glob("*.png"))
-                    },
-                }
+                run.summary[f"{prefix}/{key}"] = value
+            log_tables_and_images(
+                run,
+                {f"{prefix}/{key}": table for key, table in tables.items()},
+                {f"{prefix}/{path.stem}": path for path in sorted(directory.glob("*.png"))},
             )
         except Exception as error:  # the results are on disk already
             log.warning(
                 "W&B logging of analysis %r failed (%s: %s); its results are in %s",
                 name, type(error).__name__, error, directory,
             )  # fmt: skip
-
-
-def _wandb_safe(table: pd.DataFrame) -> pd.DataFrame:
-    """W&B tables reject float16 / nullable dtypes; store floats as float64."""
-    floats = table.select_dtypes(include=[np.floating]).columns
-    return table.astype({column: np.float64 for column in floats})

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -69,7 +69,21 @@ OPERATOR_NAMES = {
 }
 _RESERVED = ("mode", "selection", "layers", "layer")
 
-Variant = tuple[int, int, str]  # (first layer, last layer = cutoff, operator)
+
+class Variant(NamedTuple):
+    """One CAAP configuration of a sweep: patch layers ``first_layer..cutoff`` with the
+    neighbourhood ``operator`` (Sec. 3.2)."""
+
+    first_layer: int
+    cutoff: int
+    operator: str
+
+
+class SweepMetric(NamedTuple):
+    """The key of one metric object of a sweep: a variant and a configured metric label."""
+
+    variant: Variant
+    label: str
 
 
 class CAAPSweepCallback(L.Callback):
@@ -191,8 +205,8 @@ class CAAPSweepCallback(L.Callback):
                 f"first_layer = {self.first_layer} lies above the default cutoff "
                 f"⌈2L/3⌉ = {default_cutoff} of this {depth}-block model"
             )
-        by_cutoff = [(self.first_layer, c, self.default_operator) for c in cutoffs]
-        by_operator = [(self.first_layer, default_cutoff, op) for op in self.operators]
+        by_cutoff = [Variant(self.first_layer, c, self.default_operator) for c in cutoffs]
+        by_operator = [Variant(self.first_layer, default_cutoff, op) for op in self.operators]
         return by_cutoff, by_operator
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -208,7 +222,13 @@ class CAAPSweepCallback(L.Callback):
         self._by_cutoff, self._by_operator = self.variants(self.depth)
         unique = list(dict.fromkeys([*self._by_cutoff, *self._by_operator]))
         self._methods = {
-            v: CAAP(network, mode="parallel", selection=v[2], layers=(v[0], v[1]), **kwargs)
+            v: CAAP(
+                network,
+                mode="parallel",
+                selection=v.operator,
+                layers=(v.first_layer, v.cutoff),
+                **kwargs,
+            )
             for v in unique
         }
         self._active_specs = self._applicable_metrics(_first_sample(trainer.test_dataloaders))
@@ -224,8 +244,8 @@ class CAAPSweepCallback(L.Callback):
             else set(first_test_indices(trainer.test_dataloaders, self.samples))
         )
         device = pl_module.device
-        self._metrics: dict[tuple[Variant, str], RegisteredMetric] = {
-            (v, spec.label): create_metric(
+        self._metrics = {
+            SweepMetric(v, spec.label): create_metric(
                 spec.name, **spec.kwargs, batch_size=self.perturbation_batch_size
             ).to(device)
             for v in unique
@@ -298,7 +318,7 @@ class CAAPSweepCallback(L.Callback):
                 batch=batch,
             )  # fmt: skip
             for spec in self._active_specs:
-                metric = self._metrics[(variant, spec.label)]
+                metric = self._metrics[SweepMetric(variant, spec.label)]
                 metric.update(**metric.update_arguments(inputs))
 
     # ------------------------------------------------------------------------ at the end
@@ -311,9 +331,9 @@ class CAAPSweepCallback(L.Callback):
                 frames.append(
                     pd.DataFrame(
                         {
-                            "first_layer": variant[0],
-                            "cutoff": variant[1],
-                            "operator": variant[2],
+                            "first_layer": variant.first_layer,
+                            "cutoff": variant.cutoff,
+                            "operator": variant.operator,
                             "metric": name,
                             "index": indices.cpu().numpy(),
                             "value": values.cpu().double().numpy(),

@@ -22,9 +22,9 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.split_source import split_source
+from lightning_modules.wandb_runs import wandb_runs
 from saliency.errors import ConfigurationError
 from saliency.metrics.per_sample import PerSampleValues
 
@@ -104,16 +104,13 @@ class ConfusionMatrixCallback(L.Callback):
         (directory / f"{self.filename}.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
     def _log_wandb(self, trainer: L.Trainer, rows: torch.Tensor, names: list[str]) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                import wandb
+        for run in wandb_runs(trainer):
+            import wandb
 
-                plot = wandb.plot.confusion_matrix(
-                    y_true=rows[:, 0].tolist(), preds=rows[:, 1].tolist(), class_names=names
-                )
-                logger.experiment.log(
-                    {"val/confusion_matrix": plot, "epoch": trainer.current_epoch}
-                )
+            plot = wandb.plot.confusion_matrix(
+                y_true=rows[:, 0].tolist(), preds=rows[:, 1].tolist(), class_names=names
+            )
+            run.log({"val/confusion_matrix": plot, "epoch": trainer.current_epoch})
 
 
 def _class_names(trainer: L.Trainer, num_classes: int) -> list[str]:

@@ -29,6 +29,8 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from datamodules.cache_files import write_atomically
+
 MANIFEST = "manifest.json"
 STAGING_PREFIX = ".staging-"
 OWNER = "owner.json"
@@ -92,7 +94,8 @@ class StagedResults:
             },
             **(facts or {}),
         }
-        write_atomically(self.run_dir / MANIFEST, json.dumps(manifest, indent=2))
+        text = json.dumps(manifest, indent=2)
+        write_atomically(self.run_dir / MANIFEST, lambda file: file.write(text.encode()))
         shutil.rmtree(self.path, ignore_errors=True)
         return [*published, self.run_dir / MANIFEST]
 
@@ -131,13 +134,6 @@ def _process_runs(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, owned by another user
     return True
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path`` and rename it into place."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def is_complete(run_dir: str | Path) -> bool:

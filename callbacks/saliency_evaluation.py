@@ -29,7 +29,6 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.evaluation_spec import (
     MethodSpec,
@@ -54,6 +53,7 @@ from callbacks.target_policies import (
     correct_rows,
     parse_policies,
 )
+from lightning_modules.wandb_runs import wandb_runs
 from saliency.errors import ConfigurationError
 from saliency.layers import layer_path
 from saliency.metrics.per_sample import PerSampleValues
@@ -764,11 +764,9 @@ class SaliencyEvaluationCallback(L.Callback):
         return notes
 
     def _log_wandb(self, trainer: L.Trainer, plot_paths, gallery_paths) -> None:
-        for logger in trainer.loggers:
-            if not isinstance(logger, WandbLogger):
-                continue
+        for run in wandb_runs(trainer):
             try:
-                _log_to_run(logger.experiment, self, plot_paths, gallery_paths)
+                _log_to_run(run, self, plot_paths, gallery_paths)
             except Exception as error:  # the results are on disk already
                 log.warning(
                     "W&B logging failed (%s: %s); every result is in %s",

@@ -5,7 +5,8 @@ from datamodules.coco import COCODataModule
 from datamodules.cub import CUBDataModule
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.imagenet import ImageNetDataModule
-from datamodules.quad_grid import QuadGridDataModule, QuadGridDataset
+from datamodules.quad_grid import QuadGridDataModule
+from datamodules.quad_grid_dataset import QuadGridDataset
 from datamodules.shapes import ShapesDataModule
 from datamodules.stanford_cars import StanfordCarsDataModule
 

@@ -78,7 +78,33 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-class FileDataModule(L.LightningDataModule, ABC):
+class SplitLoaders:
+    """The train, val and test loaders of a datamodule with ``dataset(split)``, ``batch_size``
+    and ``num_workers``: train shuffled, samples collated by :func:`collate_samples`. Put it
+    before ``LightningDataModule`` in the bases; override :meth:`split_loader` to refuse a
+    split."""
+
+    def split_loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),  # type: ignore[attr-defined]
+            batch_size=self.batch_size,  # type: ignore[attr-defined]
+            shuffle=shuffle,
+            num_workers=self.num_workers,  # type: ignore[attr-defined]
+            persistent_workers=self.num_workers > 0,  # type: ignore[attr-defined]
+            collate_fn=collate_samples,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.split_loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.split_loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.split_loader("test", shuffle=False)
+
+
+class FileDataModule(SplitLoaders, L.LightningDataModule, ABC):
     """Base of the datamodules that read a dataset from ``root``.
 
     Args:
@@ -161,22 +187,3 @@ class FileDataModule(L.LightningDataModule, ABC):
             return self.build_dataset(split)
         finally:
             self.train_augment = True
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_samples,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

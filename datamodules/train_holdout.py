@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from datamodules.quad_grid import dataset_labels
+from datamodules.dataset_labels import dataset_labels
 from saliency.errors import ConfigurationError
 
 __all__ = ["per_class_sample", "train_holdout"]

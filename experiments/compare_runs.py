@@ -44,6 +44,7 @@ import pandas as pd
 import yaml
 
 from callbacks.evaluation_tables import GROUP, summarise
+from lightning_modules.wandb_runs import log_tables_and_images, wandb_logger
 
 KEYS = GROUP  # method, layer, target_policy, metric
 COMPARISON_COLUMNS = [
@@ -363,19 +364,16 @@ def log_to_wandb(
 ) -> Path | None:
     """A W&B run under ``output/wandb`` with ``<job_type>/<key>`` tables and images and the
     ``summary`` values; nothing when ``mode`` is ``disabled``. Returns the run's directory."""
-    if mode == "disabled":
+    logger = wandb_logger(
+        output, name, job_type=job_type, mode=mode, project=project, group=group, config=config
+    )
+    if logger is None:
         return None
-    import wandb
-
-    run = wandb.init(
-        project=project, group=group, job_type=job_type, name=name, dir=str(output), mode=mode,
-        config=config,
-    )  # fmt: skip
-    run.log(
-        {
-            **{f"{job_type}/{key}": wandb.Table(dataframe=table) for key, table in tables.items()},
-            **{f"{job_type}/{key}": wandb.Image(str(path)) for key, path in images.items()},
-        }
+    run = logger.experiment
+    log_tables_and_images(
+        run,
+        {f"{job_type}/{key}": table for key, table in tables.items()},
+        {f"{job_type}/{key}": path for key, path in images.items()},
     )
     for key, value in (summary or {}).items():
         run.summary[key] = value

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 
 from lightning_modules.group_files import route_group_files
+from lightning_modules.wandb_runs import wandb_logger, wandb_runs
 from saliency.errors import UserInputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -107,21 +108,12 @@ class ProjectCLI(LightningCLI):
     def loggers(self, run_dir: Path) -> list[Logger]:
         loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="", version="")]
         settings = self.config["wandb"]
-        if settings["mode"] != "disabled":
-            loggers.append(
-                WandbLogger(
-                    save_dir=str(run_dir),
-                    name=self.run_name,
-                    project=settings["project"],
-                    group=settings["group"],
-                    tags=list(settings["tags"]),
-                    entity=settings["entity"],
-                    job_type=self.job_type,
-                    offline=settings["mode"] == "offline",
-                    mode=settings["mode"],
-                )
-            )
-        return loggers
+        wandb = wandb_logger(
+            run_dir, self.run_name, job_type=self.job_type, mode=settings["mode"],
+            project=settings["project"], group=settings["group"], tags=settings["tags"],
+            entity=settings["entity"],
+        )  # fmt: skip
+        return loggers if wandb is None else [*loggers, wandb]
 
 
 def run_cli(main: Callable[[Sequence[str] | None], Any]) -> Any:
@@ -166,6 +158,5 @@ def user_message(error: UserInputError) -> str:
 
 def finish_wandb(trainer) -> None:
     """Close the W&B run so its offline files are complete before the program prints paths."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-            logger.experiment.finish()
+    for run in wandb_runs(trainer):
+        run.finish()

@@ -9,7 +9,7 @@ Files: ``<cache_dir>/<backbone>-<split>-<digest>.pt`` holding ``{"key", "feature
 "labels" [N], "indices" [N]}`` and a ``.json`` sidecar with the key for people. ``digest``
 hashes the key (:func:`feature_cache_key`): the backbone's identity (name, constructor
 arguments, pooling, a hash of its weights, precision), the datamodule's class and settings, and
-:func:`~datamodules.quad_grid.dataset_identity` of the split (dataset class, split, length, a
+:func:`~datamodules.cache_files.dataset_identity` of the split (dataset class, split, length, a
 hash of the labels and of probe images, i.e. of the transform's output). Files are written
 atomically (temporary file + ``os.replace``); a file whose stored key differs is an error.
 """
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.quad_grid import dataset_identity
+from datamodules.cache_files import dataset_identity, write_atomically
 from saliency.errors import ConfigurationError
 
 CACHE_FORMAT = 1
@@ -227,7 +225,7 @@ def save_features(path: Path, key: dict[str, Any], cached: CachedFeatures) -> No
         "labels": cached.labels,
         "indices": cached.indices,
     }
-    _write_atomically(path, lambda file: torch.save(payload, file))
+    write_atomically(path, lambda file: torch.save(payload, file))
     summary = {
         "key": key,
         "rows": len(cached),
@@ -235,21 +233,7 @@ def save_features(path: Path, key: dict[str, Any], cached: CachedFeatures) -> No
         "dtype": str(cached.features.dtype),
     }
     text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
-    _write_atomically(path.with_suffix(".json"), lambda file: file.write(text.encode()))
-
-
-def _write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path.with_suffix(".json"), lambda file: file.write(text.encode()))
 
 
 @torch.no_grad()
@@ -322,3 +306,14 @@ def cached_split_features(
             f"a common seed: pass --seed) or cache_dir is not shared by the processes of a node"
         )
     return cached
+
+
+def loader_batch_size(datamodule: Any) -> int:
+    """The datamodule's ``batch_size``, used for extraction and for the feature batches."""
+    batch_size = getattr(datamodule, "batch_size", None)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigurationError(
+            f"feature caching batches like the datamodule's loaders, but "
+            f"{type(datamodule).__name__}.batch_size is {batch_size!r}; expected a positive int"
+        )
+    return batch_size

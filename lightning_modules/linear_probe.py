@@ -10,9 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
-from torch.utils.data import DataLoader
 
-from datamodules.quad_grid import model_fingerprint
+from datamodules.cache_files import model_fingerprint
 from lightning_modules.classification_steps import ClassificationSteps
 from lightning_modules.feature_cache import (
     CachedFeatures,
@@ -21,15 +20,16 @@ from lightning_modules.feature_cache import (
     data_identity,
     extract_features,
     feature_cache_key,
-    feature_loader,
+    loader_batch_size,
     require_deterministic,
     split_dataset,
 )
+from lightning_modules.feature_data import CachedFeatureData
 from lightning_modules.probe_classifier import Pooling, ProbeClassifier, build_feature_backbone
 from saliency.errors import ConfigurationError
 
 CHECKPOINT_CLASS_KEY = "classifier_class"
-"""Checkpoint entry naming the module class, read by ``evaluation.load_classifier``."""
+"""Checkpoint entry naming the module class, read by ``checkpoints.load_classifier``."""
 
 
 def probe_adam(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
@@ -44,10 +44,10 @@ class LinearProbeModule(ClassificationSteps, L.LightningModule):
     so checkpoints load for evaluation and saliency methods explain it (layer paths
     ``backbone.<name>``). The backbone stays in eval mode, also while the head trains.
 
-    Feature cache (``feature_cache=True``): during ``fit`` the train and val loaders are served
-    by this module instead of the datamodule — ``φ`` of each split is computed once (batched,
-    no gradients, in the trainer's precision), stored under ``cache_dir`` keyed by backbone,
-    weights, pooling, data and split (:mod:`lightning_modules.feature_cache`), read back on
+    Feature cache (``feature_cache=True``): ``fit`` runs on :meth:`fit_data`, whose train and
+    val loaders serve cached features instead of images — ``φ`` of each split is computed once
+    (batched, no gradients, in the trainer's precision), stored under ``cache_dir`` keyed by
+    backbone, weights, pooling, data and split (:mod:`lightning_modules.feature_cache`), read back on
     later runs, and the loaders yield ``{"features", "label", "index"}`` batches with the
     datamodule's batch size and the same shuffling. Caching needs deterministic samples: a
     datamodule with ``train_augment=True`` is refused with a :class:`ConfigurationError` (set
@@ -91,7 +91,6 @@ class LinearProbeModule(ClassificationSteps, L.LightningModule):
         self.model.backbone.eval()
         self.optimizer = optimizer
         self.init_accuracy(num_classes)
-        self._split_cache: dict[str, CachedFeatures] = {}
 
     @property
     def num_classes(self) -> int:
@@ -123,45 +122,24 @@ class LinearProbeModule(ClassificationSteps, L.LightningModule):
 
     # ---------------------------------------------------------------- feature cache
 
+    def fit_data(self, datamodule: L.LightningDataModule) -> L.LightningDataModule:
+        """The datamodule to fit on: with ``feature_cache`` the train and val splits of
+        ``datamodule`` as cached features
+        (:class:`~lightning_modules.feature_data.CachedFeatureData`), else ``datamodule`` itself. ``train.py`` fits on it:
+        ``trainer.fit(probe, datamodule=probe.fit_data(datamodule))``."""
+        if not self.hparams.feature_cache:
+            return datamodule
+        return CachedFeatureData(datamodule, self)
+
     def setup(self, stage: str) -> None:
         if stage != "fit" or not self.hparams.feature_cache:
             return
-        trainer = self.trainer
-        if trainer.datamodule is None:
+        if not isinstance(self.trainer.datamodule, CachedFeatureData):
             raise ConfigurationError(
-                "feature_cache=true computes features from the datamodule's splits, but fit got "
-                "no datamodule: pass trainer.fit(module, datamodule=...) or set "
-                "feature_cache=false to train on the given dataloaders' images"
+                "feature_cache=true trains the head on cached features of the datamodule's "
+                "splits: fit with trainer.fit(probe, datamodule=probe.fit_data(datamodule)) "
+                "(as train.py does), or set feature_cache=false to train on images"
             )
-        self._split_cache = {}
-        # Lightning has no public way to let a module override the datamodule's loaders: point
-        # the fit loop's two data sources at this module's train/val_dataloader (re-attached to
-        # the datamodule by every trainer.fit call; validate/test keep using the datamodule).
-        trainer.fit_loop._data_source.instance = self
-        trainer.fit_loop.epoch_loop.val_loop._data_source.instance = self
-
-    def train_dataloader(self) -> DataLoader:
-        return feature_loader(
-            self._fit_features("train"), _batch_size(self.trainer.datamodule), True
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return feature_loader(
-            self._fit_features("val"), _batch_size(self.trainer.datamodule), False
-        )
-
-    def _fit_features(self, split: str) -> CachedFeatures:
-        """Computed at the first loader request, i.e. after a checkpoint is restored and the
-        module is on its device."""
-        trainer = self._trainer
-        if trainer is None or trainer.datamodule is None or not self.hparams.feature_cache:
-            raise ConfigurationError(
-                f"LinearProbeModule has no {split} data of its own: give the trainer a "
-                f"datamodule (with feature_cache=true) or dataloaders of images"
-            )
-        if split not in self._split_cache:
-            self._split_cache[split] = self.cached_features(trainer.datamodule, split)
-        return self._split_cache[split]
 
     def backbone_identity(self) -> dict[str, Any]:
         """What the features depend on besides the data: backbone name, constructor arguments,
@@ -197,7 +175,7 @@ class LinearProbeModule(ClassificationSteps, L.LightningModule):
             return extract_features(
                 self.model.backbone,
                 dataset,
-                batch_size=_batch_size(datamodule),
+                batch_size=loader_batch_size(datamodule),
                 device=self.device,
                 num_workers=int(getattr(datamodule, "num_workers", 0)),
                 forward_context=(
@@ -214,14 +192,3 @@ class LinearProbeModule(ClassificationSteps, L.LightningModule):
             compute_here=trainer.local_rank == 0,
             barrier=lambda: trainer.strategy.barrier("linear_probe_feature_cache"),
         )
-
-
-def _batch_size(datamodule: Any) -> int:
-    """The datamodule's ``batch_size``, used for extraction and for the feature batches."""
-    batch_size = getattr(datamodule, "batch_size", None)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigurationError(
-            f"feature caching batches like the datamodule's loaders, but "
-            f"{type(datamodule).__name__}.batch_size is {batch_size!r}; expected a positive int"
-        )
-    return batch_size

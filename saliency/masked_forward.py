@@ -21,18 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from saliency.checks import check_batch_size
 from saliency.errors import ConfigurationError
 from saliency.layers import resolve_layer
 
-
-def check_batch_size(batch_size: int) -> int:
-    """``batch_size`` (modified copies per forward pass) if it is a positive integer, else raise."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigurationError(
-            f"batch_size (modified copies per forward pass) must be a positive integer, got "
-            f"{batch_size!r}"
-        )
-    return batch_size
+COPIES_PER_PASS = "modified copies per forward pass"
+"""What a ``batch_size`` counts here (for :func:`~saliency.checks.check_batch_size`)."""
 
 
 def row_chunks(num_rows: int, batch_size: int, group_size: int | None = None) -> list[slice]:
@@ -41,7 +35,7 @@ def row_chunks(num_rows: int, batch_size: int, group_size: int | None = None) ->
     With ``group_size``, rows come in groups of that many (``num_rows`` must be a multiple) and
     no slice crosses a group boundary: every forward pass then holds rows of one group only.
     """
-    check_batch_size(batch_size)
+    check_batch_size(batch_size, counts=COPIES_PER_PASS)
     if group_size is None:
         return [
             slice(start, min(start + batch_size, num_rows))

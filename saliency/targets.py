@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from saliency.checks import check_positive_int
 from saliency.errors import ConfigurationError
 
 __all__ = [
@@ -62,8 +63,7 @@ def load_confusion_matrix(path: str | Path) -> torch.Tensor:
 
 
 def _check_k(k: int, num_classes: int | None = None) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigurationError(f"k must be a positive integer, got {k!r}")
+    check_positive_int(k, "k")
     if num_classes is not None and k >= num_classes:
         raise ConfigurationError(
             f"k={k} contrast classes requested but the model has {num_classes} classes, so at "
@@ -541,15 +541,7 @@ class ExplicitReferences:
             targets_per_image = table.shape[1]
         elif targets_per_image is None:
             targets_per_image = 1
-        if (
-            isinstance(targets_per_image, bool)
-            or not isinstance(targets_per_image, int)
-            or targets_per_image < 1
-        ):
-            raise ConfigurationError(
-                f"targets_per_image must be a positive integer (the K of classes [B, K]), got "
-                f"{targets_per_image!r}"
-            )
+        check_positive_int(targets_per_image, "targets_per_image (the K of classes [B, K])")
         duplicate = _first_duplicate_row(table)
         if duplicate is not None:
             row = table.reshape(-1, table.shape[-1])[duplicate].tolist()

@@ -219,7 +219,7 @@ def test_evaluate_run_writes_channel_activity_of_the_configured_layers(
     trained_run, tmp_path, monkeypatch
 ):
     from datamodules import ShapesDataModule
-    from lightning_modules.evaluation import load_classifier
+    from lightning_modules.checkpoints import load_classifier
     from tests.test_evaluation_pipeline import _capture_wandb
 
     wandb_run = _capture_wandb(monkeypatch)

@@ -129,7 +129,7 @@ def test_ambiguous_missing_and_wrong_heads_are_specific_errors():
 
 def test_evaluate_run_publishes_the_similarity_of_the_checkpoint_classifier(trained_run, tmp_path):
     from datamodules import ShapesDataModule
-    from lightning_modules.evaluation import load_classifier
+    from lightning_modules.checkpoints import load_classifier
 
     config = tmp_path / "similarity.yaml"
     config.write_text(

@@ -13,7 +13,7 @@ import yaml
 from matplotlib.image import imread
 from scipy import stats as scipy_stats
 
-from callbacks.run_outputs import write_atomically
+from datamodules.cache_files import write_atomically
 from experiments import compare_runs
 from saliency.stats import holm, mean_confidence_interval
 
@@ -55,7 +55,8 @@ def _run(
         "wandb": {"group": group},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    write_atomically(run / "manifest.json", json.dumps({"files": {"per_sample.parquet": 1}}))
+    manifest = json.dumps({"files": {"per_sample.parquet": 1}}).encode()
+    write_atomically(run / "manifest.json", lambda file: file.write(manifest))
     return run
 
 

@@ -125,7 +125,7 @@ def method_kwargs(name: str) -> dict:
     """Arguments each method needs beyond defaults, sized for tiny inputs; random draws stay
     on CPU generators (the same on every device). SmoothGrad's noise comes from a generator
     on the images' device, so it runs with ``sigma=0`` here (its seeding is tested in
-    tests/test_input_gradients.py)."""
+    tests/test_gradient_attributions.py)."""
     matrix = torch.rand(NUM_CLASSES, NUM_CLASSES, generator=torch.Generator().manual_seed(1))
     return {
         "case": {"contrast": ConfusionContrast(matrix, k=2)},

@@ -114,7 +114,7 @@ def test_index_normal_is_standard_normal_and_drawn_in_pieces():
 
 def test_errors():
     model = _model()
-    with pytest.raises(ConfigurationError, match=r"n_samples must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigurationError, match=r"n_samples must be a positive integer, got 0"):
         create_method("gradient_shap", model, n_samples=0)
     with pytest.raises(ConfigurationError, match=r"stdevs .* must be a number >= 0, got -1"):
         create_method("gradient_shap", model, stdevs=-1)

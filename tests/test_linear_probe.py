@@ -21,7 +21,7 @@ import saliency.methods.gradient_cams  # noqa: F401  (registers grad_cam)
 import train
 from callbacks.confusion_matrix import confusion_matrix
 from datamodules import ImageFolderDataModule, ShapesDataModule
-from lightning_modules.evaluation import load_classifier
+from lightning_modules.checkpoints import load_classifier
 from lightning_modules.feature_cache import FeatureDataset, cache_path, image_batch
 from lightning_modules.linear_probe import LinearProbeModule
 from lightning_modules.probe_classifier import ProbeClassifier, build_feature_backbone
@@ -79,8 +79,25 @@ def _fit(module: LinearProbeModule, datamodule: ShapesDataModule) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=module.fit_data(datamodule))
     return trainer
+
+
+def test_feature_cache_fits_through_fit_data_not_the_image_datamodule(tmp_path):
+    """The cached features reach fit as a datamodule of their own (Lightning takes the loaders
+    of trainer.fit(module, datamodule=...) from the datamodule): fitting a caching probe on the
+    image datamodule directly is refused before any feature is computed."""
+    datamodule = _shapes()
+    module = _probe(tmp_path)
+    fit_data = module.fit_data(datamodule)
+    assert (fit_data.num_classes, fit_data.class_names) == (10, datamodule.class_names)
+    assert fit_data.split_source("val") == datamodule.split_source("val")
+    assert fit_data.hparams == datamodule.hparams  # logged as the image datamodule's
+    assert _probe(tmp_path / "unused", feature_cache=False).fit_data(datamodule) is datamodule
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(ConfigurationError, match=r"probe\.fit_data\(datamodule\)"):
+        trainer.fit(module, datamodule=datamodule)
+    assert not any(tmp_path.iterdir())
 
 
 def test_fit_caches_once_reuses_and_equals_training_through_the_backbone(tmp_path):

@@ -19,6 +19,7 @@ from saliency.metrics.registry import (
     MetricInputs,
     RegisteredMetric,
     create_metric,
+    curve_info,
     list_metrics,
     metric_class,
     register_metric,
@@ -161,3 +162,19 @@ def test_register_metric_refuses_incomplete_metadata():
     with pytest.raises(ValueError, match="registered twice"):
         register_metric("confidence_drop")(NoArguments)
     assert "no_direction" not in list_metrics() and "no_arguments" not in list_metrics()
+
+
+def test_curves_are_declared_by_their_metric_classes():
+    from saliency.metrics import DeletionAUC, InsertionAUC, PerformanceInformationCurves
+
+    for kind, cls in (
+        ("deletion", DeletionAUC),
+        ("insertion", InsertionAUC),
+        ("pic_sic", PerformanceInformationCurves),
+        ("pic_aic", PerformanceInformationCurves),
+    ):
+        curve, owner = curve_info(kind)
+        assert owner is cls and curve.kind == kind and curve.title and curve.x_label
+    assert curve_info("deletion")[1].higher_is_better is False  # the plot's "lower AUC"
+    with pytest.raises(KeyError, match="no metric declares a curve 'roc'"):
+        curve_info("roc")

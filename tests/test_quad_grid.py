@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from datamodules import QuadGridDataModule, QuadGridDataset, ShapesDataModule
-from datamodules.quad_grid import confident_indices, dataset_labels
+from datamodules.confidence_filter import confident_indices
+from datamodules.dataset_labels import dataset_labels
 from saliency.errors import ConfigurationError
 from saliency.metrics.functional.localisation import grid_cell_masks, grid_pointing_game
 
@@ -320,10 +321,11 @@ def test_filter_with_the_trainer_model_only_for_the_stage_splits(base, tmp_path)
     assert dm.candidates("val") == [i for i in range(36) if confident_on_four_classes(i)]
 
 
-def test_filter_checkpoint_loads_the_classifier_network(base, tmp_path):
+def test_filter_checkpoint_network_is_handed_in_by_the_entry_points(base, tmp_path):
     import lightning as L
 
     from lightning_modules import ClassifierModule
+    from lightning_modules.checkpoints import hand_filter_model
 
     classifier = ClassifierModule(backbone="small_cnn", num_classes=NUM_CLASSES)
     path = tmp_path / "tiny.ckpt"
@@ -339,11 +341,37 @@ def test_filter_checkpoint_loads_the_classifier_network(base, tmp_path):
         base, val_samples=2, test_samples=0, filter_checkpoint=str(path), confidence_threshold=0.0,
         cache_dir=None,
     )  # fmt: skip
+    with pytest.raises(ConfigurationError, match="loaded by the entry points"):
+        dm.filter_model()  # the datamodule never loads a checkpoint itself
+    hand_filter_model(dm)
     network = dm.filter_model()
     assert network is dm.filter_model()  # loaded once
     for name, value in classifier.model.state_dict().items():
         assert torch.equal(network.state_dict()[name], value)
     assert dm.candidates("val") == confident_indices(classifier.model, base.dataset("val"), 0.0)
+    unfiltered = QuadGridDataModule(base, val_samples=2, test_samples=0, cache_dir=None)
+    hand_filter_model(unfiltered)  # no filter_checkpoint: nothing to hand in
+    assert unfiltered.filter_model() is None
+
+
+@pytest.mark.parametrize("entry_point", ["train", "evaluate"])
+def test_entry_points_load_the_filter_checkpoint_before_running(entry_point, tmp_path):
+    """train.py and evaluate.py hand the filter network to the datamodule right after building
+    it: a missing filter_checkpoint stops them there, naming the file."""
+    import importlib
+
+    from lightning_modules.cli import CONFIG_DIR
+
+    missing = tmp_path / "missing.ckpt"
+    arguments = [
+        "--data", str(CONFIG_DIR / "data" / "quad_shapes.yaml"),
+        "--data.init_args.filter_checkpoint", str(missing),
+        "--output_dir", str(tmp_path), "--wandb.mode", "disabled",
+    ]  # fmt: skip
+    if entry_point == "evaluate":
+        arguments += ["--model.model_name", "small_cnn", "--model.num_classes", "10"]
+    with pytest.raises(ConfigurationError, match=rf"{missing.name}: no such file"):
+        importlib.import_module(entry_point).main(arguments)
 
 
 # -- errors ------------------------------------------------------------------------------------------

@@ -162,9 +162,9 @@ def test_errors(tiny):
         create_method("rise", model, n_masks=4)(images, torch.tensor([0, 5, 1]))
     with pytest.raises(ConfigurationError, match=r"keep_probability p1 must lie in \(0, 1\]"):
         create_method("rise", model, keep_probability=0.0)
-    with pytest.raises(ConfigurationError, match=r"n_masks must be an integer >= 1"):
+    with pytest.raises(ConfigurationError, match=r"n_masks must be a positive integer"):
         create_method("rise", model, n_masks=0)
-    with pytest.raises(ConfigurationError, match=r"batch_size .* must be an integer >= 1"):
+    with pytest.raises(ConfigurationError, match=r"batch_size .* must be a positive integer"):
         create_method("rise", model, batch_size=0)
     with pytest.raises(ConfigurationError, match=r"score must be one of probability, logit"):
         create_method("rise", model, score="softmax")

@@ -21,7 +21,8 @@ import torch
 import yaml
 from matplotlib.image import imread
 
-from callbacks.run_outputs import is_complete, write_atomically
+from callbacks.run_outputs import is_complete
+from datamodules.cache_files import write_atomically
 from experiments import _jobs, aggregate_seeds, seed_sweep
 from experiments.seed_tables import (
     SUMMARY_COLUMNS,
@@ -179,7 +180,10 @@ class FakeEvaluations:
                                 "evaluation": {"correct_only": True}})
             )  # fmt: skip
             files = {"per_sample.parquet": 1, "summary.csv": 1}
-            write_atomically(run_dir / "manifest.json", json.dumps({"files": files}))
+            manifest = json.dumps({"files": files}).encode()
+            write_atomically(
+                run_dir / "manifest.json", lambda file, text=manifest: file.write(text)
+            )
             job.log.write_text("fake evaluation\n")
             result = _jobs.JobResult(job, 0, 0.1, None)
             results.append(result)

@@ -13,7 +13,7 @@ from torch import nn
 
 from saliency.errors import ConfigurationError
 from saliency.gradients import _check_classes
-from saliency.methods.input_gradients import (
+from saliency.methods.gradient_attributions import (
     InputGradientMethod,
     Reduction,
     broadcast_baseline,

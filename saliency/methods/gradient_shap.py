@@ -8,6 +8,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from saliency.checks import check_batch_size, check_positive_int
 from saliency.errors import ConfigurationError
 from saliency.index_random import (
     STREAM_SHAP_ALPHA,
@@ -16,8 +17,11 @@ from saliency.index_random import (
     index_normal,
     index_uniform,
 )
-from saliency.masked_forward import check_batch_size
-from saliency.methods.input_gradients import InputGradientMethod, Reduction, weighted_gradient_sum
+from saliency.methods.gradient_attributions import (
+    InputGradientMethod,
+    Reduction,
+    weighted_gradient_sum,
+)
 from saliency.methods.registry import register_method
 
 BaselineDistribution = Literal["normal"]
@@ -60,7 +64,7 @@ class GradientSHAP(InputGradientMethod):
     those draws Captum's ``GradientShap`` gives the same attributions (parity test).
 
     Cost: ``S × B`` gradient evaluations, at most ``batch_size`` images per forward pass
-    (as :class:`~saliency.methods.input_gradients.IntegratedGradients`); each forward serves
+    (as :class:`~saliency.methods.gradient_attributions.IntegratedGradients`); each forward serves
     all K classes with one backward per class. ``reduce="sum"`` (default) keeps the signed
     per-pixel sum over colour channels. ``layer`` is ignored (registry signature).
     """
@@ -80,10 +84,7 @@ class GradientSHAP(InputGradientMethod):
         reduce: Reduction = "sum",
     ) -> None:
         super().__init__(model, reduce)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ConfigurationError(
-                f"gradient_shap n_samples must be an integer >= 1, got {n_samples!r}"
-            )
+        check_positive_int(n_samples, "gradient_shap n_samples")
         if isinstance(stdevs, bool) or not isinstance(stdevs, (int, float)) or not stdevs >= 0:
             raise ConfigurationError(
                 f"gradient_shap stdevs (the noise's standard deviation) must be a number >= 0, "
@@ -91,7 +92,7 @@ class GradientSHAP(InputGradientMethod):
             )
         self.baselines = _check_distribution(baselines)
         self.n_samples, self.stdevs, self.seed = n_samples, float(stdevs), int(seed)
-        self.batch_size = check_batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size, "gradient_shap")
 
     def draws(self, images: torch.Tensor, index: torch.Tensor) -> ShapDraws:
         """Every draw of the images ``[B, C, H, W]`` with sample indices ``index`` ``[B]``."""

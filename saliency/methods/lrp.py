@@ -22,7 +22,7 @@ from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
 from saliency.errors import ConfigurationError
 from saliency.gradients import _check_classes
-from saliency.methods.input_gradients import InputGradientMethod, Reduction
+from saliency.methods.gradient_attributions import InputGradientMethod, Reduction
 from saliency.methods.registry import register_method
 
 CompositeName = Literal[

@@ -8,12 +8,13 @@ import math
 import torch
 from torch import nn
 
+from saliency.checks import check_batch_size
 from saliency.errors import ConfigurationError
 from saliency.gradients import _check_classes
 from saliency.input_gradients import frozen_eval
-from saliency.masked_forward import check_batch_size, chunked_class_scores, row_chunks
+from saliency.masked_forward import COPIES_PER_PASS, chunked_class_scores, row_chunks
 from saliency.methods.base import SaliencyMethod
-from saliency.methods.input_gradients import broadcast_baseline, check_baseline
+from saliency.methods.gradient_attributions import broadcast_baseline, check_baseline
 from saliency.methods.registry import register_method
 
 
@@ -64,7 +65,7 @@ class Occlusion(SaliencyMethod):
                     f"some pixels would never be occluded; choose stride <= window"
                 )
         self.baseline = check_baseline(baseline, "occlusion")
-        self.batch_size = check_batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size, counts=COPIES_PER_PASS)
 
     def window_masks(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The windows as separable indicators: ``rows [n_h, H]`` and ``cols [n_w, W]`` (float),

@@ -9,6 +9,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from saliency.checks import check_batch_size, check_positive_int
 from saliency.errors import ConfigurationError
 from saliency.gradients import _check_classes
 from saliency.methods.base import SaliencyMethod
@@ -134,14 +135,9 @@ class RISE(SaliencyMethod):
         score: Score = "probability",
     ) -> None:
         super().__init__(model)
-        for name, value in (("n_masks", n_masks), ("grid_size", grid_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"rise {name} must be an integer >= 1, got {value!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigurationError(
-                f"rise batch_size (masked images per forward pass) must be an integer >= 1, "
-                f"got {batch_size!r}"
-            )
+        check_positive_int(n_masks, "rise n_masks")
+        check_positive_int(grid_size, "rise grid_size")
+        check_batch_size(batch_size, "rise", "masked images per forward pass")
         if not isinstance(keep_probability, (int, float)) or not 0 < keep_probability <= 1:
             raise ConfigurationError(
                 f"rise keep_probability p1 must lie in (0, 1] (the paper uses 0.5), got "

@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saliency.checks import check_batch_size
 from saliency.errors import ConfigurationError
 from saliency.feature_layout import FeatureLayout, check_layout, detect_layout
 from saliency.gradients import _check_classes
 from saliency.input_gradients import frozen_eval
 from saliency.layers import capture_layer, default_layer, resolve_layer
 from saliency.masked_forward import (
-    check_batch_size,
+    COPIES_PER_PASS,
     chunked_class_scores,
     row_chunks,
     substitute_layer_output,
@@ -69,7 +70,7 @@ class PerturbationCAM(SaliencyMethod):
         self.layer = layer if layer is not None else default_layer(model)
         resolve_layer(model, self.layer)  # fail at construction, not at the first batch
         self.layout = check_layout(layout)
-        self.batch_size = check_batch_size(batch_size)
+        self.batch_size = check_batch_size(batch_size, counts=COPIES_PER_PASS)
         if max_channels is not None and (
             isinstance(max_channels, bool) or not isinstance(max_channels, int) or max_channels < 1
         ):

@@ -40,8 +40,10 @@ from saliency.metrics.registry import (
     MetricInputs,
     RegisteredMetric,
     create_metric,
+    curve_info,
     list_metrics,
     metric_class,
+    register_curves,
     register_metric,
 )
 from saliency.metrics.representation import ChannelActivity
@@ -75,8 +77,10 @@ __all__ = [
     "SampleMetric",
     "TopKIntersection",
     "create_metric",
+    "curve_info",
     "list_metrics",
     "metric_class",
+    "register_curves",
     "register_metric",
     "summary_statistics",
     "unique_by_index",

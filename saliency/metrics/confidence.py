@@ -18,13 +18,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saliency.checks import check_batch_size
 from saliency.metrics.functional.confidence import (
     confidence_drop,
     drop_increase_gain,
     relative_drop,
 )
 from saliency.metrics.functional.feature_agreement import top_fraction_count
-from saliency.metrics.per_sample import check_batch_size
 from saliency.metrics.registry import MetricInputs, RegisteredMetric, register_metric
 
 

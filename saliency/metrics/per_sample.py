@@ -280,17 +280,9 @@ class SampleMetric(_IndexedRows):
         return indices, table[name]
 
 
-def check_batch_size(batch_size: int) -> int:
-    """Validate the number of (perturbed) images per forward pass."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive number of images, got {batch_size!r}")
-    return batch_size
-
-
 __all__ = [
     "PerSampleValues",
     "SampleMetric",
-    "check_batch_size",
     "summary_statistics",
     "unique_by_index",
 ]

@@ -21,12 +21,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saliency.checks import check_batch_size
 from saliency.metrics.functional.perturbation_curves import (
     curve_auc,
     deletion_curve,
     insertion_curve,
 )
-from saliency.metrics.per_sample import cat_state, check_batch_size, unique_by_index
+from saliency.metrics.per_sample import cat_state, unique_by_index
 from saliency.metrics.registry import CurveInfo, MetricInputs, RegisteredMetric, register_metric
 
 CURVE_POINTS = 101  # kept curves are resampled to this many points on [0, 1]

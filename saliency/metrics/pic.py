@@ -8,18 +8,20 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from saliency.checks import check_batch_size
 from saliency.metrics.functional.pic import (
     DEFAULT_THRESHOLDS,
     TIES,
     pic_curves,
     random_pixel_masks,
 )
-from saliency.metrics.per_sample import SampleMetric, check_batch_size, summary_statistics
-from saliency.metrics.registry import CurveInfo
+from saliency.metrics.per_sample import SampleMetric, summary_statistics
+from saliency.metrics.registry import CurveInfo, register_curves
 
 _INFORMATION = "normalised information level of the kept pixels (compressed size, 0–1)"
 
 
+@register_curves
 class PerformanceInformationCurves(SampleMetric):
     """Per-image SIC and AIC areas with their validity flags (XRAI's skipping rules: original
     softmax < ``min_confidence``, a start image not less informative or not lower-scoring).

@@ -173,6 +173,7 @@ class RegisteredMetric(SampleMetric):
 
 
 _REGISTRY: dict[str, type[RegisteredMetric]] = {}
+_CURVES: dict[str, tuple[CurveInfo, type[SampleMetric]]] = {}
 Metric = TypeVar("Metric", bound=type[RegisteredMetric])
 
 
@@ -200,21 +201,32 @@ def register_metric(name: str) -> Callable[[Metric], Metric]:
             cls.outputs = {"": cls.title}
         if "value_names" not in cls.__dict__:
             cls.value_names = tuple(name + suffix for suffix in cls.outputs)
+        register_curves(cls)
         _REGISTRY[name] = cls
         return cls
 
     return decorate
 
 
+def register_curves(cls: type[SampleMetric]) -> type[SampleMetric]:
+    """Class decorator making the ``curves`` of a metric class (a registered one, or one the
+    evaluation does not offer, such as PIC) known to :func:`curve_info`."""
+    for curve in getattr(cls, "curves", ()):
+        known = _CURVES.get(curve.kind)
+        if known is not None and known[1] is not cls:
+            raise ValueError(f"curve {curve.kind!r} is declared by {known[1].__name__} already")
+        _CURVES[curve.kind] = (curve, cls)
+    return cls
+
+
 def list_metrics() -> list[str]:
-    """Names of every registered metric, sorted."""
-    _load()
+    """Names of every registered metric, sorted (importing this module imports
+    :mod:`saliency.metrics`, whose modules register their classes)."""
     return sorted(_REGISTRY)
 
 
 def metric_class(name: str) -> type[RegisteredMetric]:
     """The class registered as ``name`` (its metadata, before building it)."""
-    _load()
     if name not in _REGISTRY:
         suggestions = closest(name, _REGISTRY)
         hint = f"did you mean {', '.join(suggestions)}? " if suggestions else ""
@@ -238,7 +250,6 @@ def describe_value(value_name: str) -> tuple[type[RegisteredMetric], str] | None
     registered metric (``aupr1``), else a custom label that starts with one, the longest
     (``deletion_auc_white`` → Deletion AUC (deletion_auc_white)); ``None`` for an unknown
     name."""
-    _load()
     exact = {cls.name + s: (cls, t) for cls in _REGISTRY.values() for s, t in cls.outputs.items()}
     if value_name in exact:
         return exact[value_name]
@@ -250,17 +261,7 @@ def describe_value(value_name: str) -> tuple[type[RegisteredMetric], str] | None
 
 def curve_info(kind: str) -> tuple[CurveInfo, type[SampleMetric]]:
     """``(curve, metric class)`` of a curve kind a metric class declares (the registered
-    metrics and the PIC curves)."""
-    from saliency.metrics.pic import PerformanceInformationCurves
-
-    _load()
-    for cls in (*_REGISTRY.values(), PerformanceInformationCurves):
-        for curve in cls.curves:
-            if curve.kind == kind:
-                return curve, cls
-    raise KeyError(f"no metric declares a curve {kind!r}")
-
-
-def _load() -> None:
-    """Import the modules whose classes register themselves."""
-    import saliency.metrics  # noqa: F401
+    metrics and the PIC curves); the class's ``higher_is_better`` says which area is better."""
+    if kind not in _CURVES:
+        raise KeyError(f"no metric declares a curve {kind!r}; known: {', '.join(sorted(_CURVES))}")
+    return _CURVES[kind]

@@ -16,7 +16,7 @@ from torchvision.models import resnet18
 from saliency.errors import ConfigurationError
 from saliency.input_gradients import input_class_gradients
 from saliency.methods import create_method
-from saliency.methods.input_gradients import quadrature, reduce_channels
+from saliency.methods.gradient_attributions import quadrature, reduce_channels
 
 METHODS = [
     "saliency",

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import saliency.methods.gradient_cams  # noqa: F401  (registers "grad_cam", used below)
+from saliency.checks import check_batch_size, check_positive_int
 from saliency.errors import ConfigurationError
 from saliency.gradients import as_class_matrix
 from saliency.input_gradients import frozen_eval, input_class_gradients
@@ -195,7 +196,7 @@ class IntegratedGradients(InputGradientMethod):
         self.alphas, self.weights = quadrature(steps, method)
         self.steps, self.method = steps, method
         self.baseline = check_baseline(baseline, "integrated_gradients")
-        self.batch_size = _check_batch_size(batch_size, "integrated_gradients")
+        self.batch_size = check_batch_size(batch_size, "integrated_gradients")
 
     def _attributions(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         baseline = broadcast_baseline(self.baseline, images, "integrated_gradients")
@@ -245,10 +246,7 @@ class SmoothGrad(InputGradientMethod):
         reduce: Reduction = "max_abs",
     ) -> None:
         super().__init__(model, reduce)
-        if not isinstance(n_samples, int) or n_samples < 1:
-            raise ConfigurationError(
-                f"smoothgrad n_samples must be an integer >= 1, got {n_samples!r}"
-            )
+        check_positive_int(n_samples, "smoothgrad n_samples")
         if not noise_level >= 0:
             raise ConfigurationError(f"smoothgrad noise_level must be >= 0, got {noise_level!r}")
         if sigma is not None and not sigma >= 0:
@@ -259,7 +257,7 @@ class SmoothGrad(InputGradientMethod):
             sigma,
             seed,
         )
-        self.batch_size = _check_batch_size(batch_size, "smoothgrad")
+        self.batch_size = check_batch_size(batch_size, "smoothgrad")
 
     def _attributions(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         if self.sigma is not None:
@@ -447,12 +445,3 @@ def broadcast_baseline(
             f"{method} baseline of shape {tuple(value.shape)} does not broadcast to the images' "
             f"shape {tuple(images.shape)}; pass a number, a [C, H, W] or a [B, C, H, W] tensor"
         ) from error
-
-
-def _check_batch_size(batch_size: int, method: str) -> int:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigurationError(
-            f"{method} batch_size (images per forward pass) must be an integer >= 1, got "
-            f"{batch_size!r}"
-        )
-    return batch_size
