@@ -11,12 +11,13 @@ variant, all samples of the batch in one call:
   default cutoff ⌈2L/3⌉.
 
 A variant in both sweeps (the default operator at ⌈2L/3⌉) is computed once. Each map is scored
-with the evaluation metrics of :data:`callbacks.evaluation_metrics.METRICS` (the functional
-metrics, batched; the deletion and insertion curves behind Ins−Del are shared through
-the per-variant cache): by default those of the paper's figures, insertion and deletion AUC,
+with the registered metrics of :mod:`saliency.metrics.registry` (one metric object per variant
+and metric; the deletion and insertion curves behind Ins−Del are shared through the per-batch
+cache of each variant): by default those of the paper's figures, insertion and deletion AUC,
 Ins−Del, pointing game and AUPR₁/AUPR₀ against the object mask. Per-sample values are kept with
 the sample ``index``, gathered from every process and de-duplicated by index (exactly once
-under DDP). Rank zero publishes ``cutoff_sweep.csv`` and ``operator_sweep.csv`` (mean, 95 %
+under DDP). Titles, directions (the cutoff sweep's best variant) and families (the figure's
+panels) are the metric classes'. Rank zero publishes ``cutoff_sweep.csv`` and ``operator_sweep.csv`` (mean, 95 %
 t-interval, n), ``per_sample.csv`` and the plots ``cutoff_sweep.png`` / ``operator_sweep.png``.
 """
 
@@ -33,7 +34,6 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from callbacks.evaluation_metrics import METRICS, MetricContext
 from callbacks.evaluation_spec import MetricSpec, parse_metrics
 from callbacks.explained_model import (
     data_normalisation,
@@ -43,7 +43,13 @@ from callbacks.explained_model import (
 )
 from saliency.errors import ConfigurationError
 from saliency.methods.caap import CAAP, SELECTIONS, check_layers
-from saliency.metrics.per_sample import PerSampleValues
+from saliency.metrics.registry import (
+    MetricInputs,
+    RegisteredMetric,
+    create_metric,
+    describe_value,
+    metric_class,
+)
 from saliency.stats import mean_confidence_interval
 
 log = logging.getLogger(__name__)
@@ -61,22 +67,6 @@ OPERATOR_NAMES = {
     "box2": "radius-2 box (5×5)",
     "manhattan": "radius-1 Manhattan",
 }
-# How each value reads on the plots: (label, better direction).
-VALUE_TEXT = {
-    "insertion_auc": ("Insertion AUC", "↑"),
-    "deletion_auc": ("Deletion AUC", "↓"),
-    "insertion_minus_deletion": ("Ins − Del", "↑"),
-    "pointing_game": ("pointing game", "↑"),
-    "aupr1": ("AUPR₁", "↑"),
-    "aupr0": ("AUPR₀", "↑"),
-    "energy_pointing_game": ("energy pointing game", "↑"),
-    "top_k_intersection": ("top-k intersection", "↑"),
-    "average_drop": ("Average Drop", "↓"),
-    "increase_in_confidence": ("Increase in Confidence", "↑"),
-    "average_gain": ("Average Gain", "↑"),
-    "confidence_drop": ("confidence drop", "↓"),
-    "relative_drop": ("relative drop", "↑"),
-}
 _RESERVED = ("mode", "selection", "layers", "layer")
 
 
@@ -89,11 +79,11 @@ class Variant(NamedTuple):
     operator: str
 
 
-class SweepValue(NamedTuple):
-    """The key of one per-sample value column: a variant and a metric's value name."""
+class SweepMetric(NamedTuple):
+    """The key of one metric object of a sweep: a variant and a configured metric label."""
 
     variant: Variant
-    name: str
+    label: str
 
 
 class CAAPSweepCallback(L.Callback):
@@ -105,7 +95,7 @@ class CAAPSweepCallback(L.Callback):
         operators: selection operators of the operator sweep (of ``none``, ``box1``,
             ``box2``, ``manhattan``).
         metrics: names or ``{name, label, kwargs}`` of single-map evaluation metrics
-            (:data:`callbacks.evaluation_metrics.METRICS`).
+            (:mod:`saliency.metrics.registry`).
         first_layer: the first intervened layer ``l_s`` (paper: 1, "from the first block").
         default_operator: the operator of the cutoff sweep (paper default ``box1``).
         samples: sweep only the ``samples`` lowest sample indices of the test split
@@ -179,7 +169,7 @@ class CAAPSweepCallback(L.Callback):
             )
         self.metric_specs = parse_metrics(metrics if metrics is not None else DEFAULT_METRICS)
         not_single = [
-            s.label for s in self.metric_specs if "single" not in METRICS[s.name].policy_kinds
+            s.label for s in self.metric_specs if metric_class(s.name).target_kind != "single"
         ]
         if not_single:
             raise ConfigurationError(
@@ -245,7 +235,7 @@ class CAAPSweepCallback(L.Callback):
         self._value_names = [
             (spec, name)
             for spec in self._active_specs
-            for name in METRICS[spec.name].value_names(spec.label)
+            for name in metric_class(spec.name).labelled_names(spec.label)
         ]
         self._model_name = model_description(pl_module, network)
         self._wanted = (
@@ -254,16 +244,20 @@ class CAAPSweepCallback(L.Callback):
             else set(first_test_indices(trainer.test_dataloaders, self.samples))
         )
         device = pl_module.device
-        self._values = {
-            SweepValue(v, name): PerSampleValues(row_shape=()).to(device)
+        self._metrics = {
+            SweepMetric(v, spec.label): create_metric(
+                spec.name, **spec.kwargs, batch_size=self.perturbation_batch_size
+            ).to(device)
             for v in unique
-            for _, name in self._value_names
+            for spec in self._active_specs
         }
 
     def _applicable_metrics(self, sample: dict[str, Any]) -> list[MetricSpec]:
         active = []
         for spec in self.metric_specs:
-            missing = [k for k in METRICS[spec.name].needed_keys(spec.kwargs) if k not in sample]
+            missing = [
+                k for k in metric_class(spec.name).needed_keys(spec.kwargs) if k not in sample
+            ]
             if not missing:
                 active.append(spec)
                 continue
@@ -305,9 +299,7 @@ class CAAPSweepCallback(L.Callback):
                 for k, v in batch.items()
             }  # fmt: skip
             images, index, logits = batch["image"], batch["index"], logits[keep.to(logits.device)]
-        for variant, values in self.score_batch(network, images, logits, batch).items():
-            for name, value in values.items():
-                self._values[SweepValue(variant, name)].update(value, index.to(value.device))
+        self.score_batch(network, images, logits, batch)
 
     def score_batch(
         self,
@@ -315,44 +307,39 @@ class CAAPSweepCallback(L.Callback):
         images: torch.Tensor,
         logits: torch.Tensor,
         batch: dict[str, Any],
-    ) -> dict[Variant, dict[str, torch.Tensor]]:
-        """Per variant: the CAAP map of each image's top-1 class (one call for the batch) and
-        the metric values ``{value name: [B]}``."""
+    ) -> None:
+        """Per variant: the CAAP map of each image's top-1 class (one call for the batch),
+        scored by every active metric of the variant."""
         classes = logits.argmax(dim=1, keepdim=True)
-        results: dict[Variant, dict[str, torch.Tensor]] = {}
         for variant, method in self._methods.items():
             maps = method(images, classes)
-            context = MetricContext(
+            inputs = MetricInputs(
                 model=network, images=images, maps=maps, classes=classes, logits=logits,
-                batch=batch, perturbation_batch_size=self.perturbation_batch_size,
+                batch=batch,
             )  # fmt: skip
-            values: dict[str, torch.Tensor] = {}
             for spec in self._active_specs:
-                metric = METRICS[spec.name]
-                outputs, _ = metric.compute(context, metric.options(spec.kwargs))
-                for suffix, value in outputs.items():
-                    values[spec.label + suffix] = value.float()
-            results[variant] = values
-        return results
+                metric = self._metrics[SweepMetric(variant, spec.label)]
+                metric.update(**metric.update_arguments(inputs))
 
     # ------------------------------------------------------------------------ at the end
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         frames = []
         # compute() gathers across processes: every rank calls it, in the same order.
-        for (variant, name), state in self._values.items():
-            indices, values = (t.cpu() for t in state.compute())
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "first_layer": variant.first_layer,
-                        "cutoff": variant.cutoff,
-                        "operator": variant.operator,
-                        "metric": name,
-                        "index": indices.numpy(),
-                        "value": values.double().numpy(),
-                    }
+        for (variant, label), state in self._metrics.items():
+            indices, columns = state.labelled_values(label)
+            for name, values in columns.items():
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "first_layer": variant.first_layer,
+                            "cutoff": variant.cutoff,
+                            "operator": variant.operator,
+                            "metric": name,
+                            "index": indices.cpu().numpy(),
+                            "value": values.cpu().double().numpy(),
+                        }
+                    )
                 )
-            )
         self.per_sample = pd.concat(frames, ignore_index=True)
         if self.per_sample.empty:
             raise ConfigurationError(
@@ -380,10 +367,10 @@ class CAAPSweepCallback(L.Callback):
     def _summary(self) -> dict[str, float]:
         summary: dict[str, float] = {"depth": float(self.depth)}
         cutoff = self.tables["cutoff_sweep"]
+        described = describe_values(self._active_specs)
         for metric, rows in cutoff.groupby("metric", sort=False):
-            best = rows.loc[
-                rows["mean"].idxmin() if _lower_is_better(metric) else rows["mean"].idxmax()
-            ]
+            higher = described[metric][0].higher_is_better
+            best = rows.loc[rows["mean"].idxmax() if higher else rows["mean"].idxmin()]
             summary[f"cutoff/{metric}/best_cutoff"] = float(best["cutoff"])
             summary[f"cutoff/{metric}/best_mean"] = float(best["mean"])
         for row in self.tables["operator_sweep"].itertuples():
@@ -391,12 +378,17 @@ class CAAPSweepCallback(L.Callback):
         return summary
 
     def _figures(self) -> dict[str, Figure]:
+        described = describe_values(self._active_specs)
         return {
             "cutoff_sweep": build_cutoff_figure(
-                self.tables["cutoff_sweep"], self._model_name, self.depth, self.default_cutoff
+                self.tables["cutoff_sweep"],
+                self._model_name,
+                self.depth,
+                self.default_cutoff,
+                described,
             ),
             "operator_sweep": build_operator_figure(
-                self.tables["operator_sweep"], self._model_name, self.depth
+                self.tables["operator_sweep"], self._model_name, self.depth, described
             ),
         }
 
@@ -439,40 +431,54 @@ def _summarise(
     return pd.DataFrame(rows, columns=SWEEP_COLUMNS)
 
 
-FAITHFULNESS = (
-    "insertion", "deletion", "average_drop", "increase_in_confidence", "average_gain",
-    "confidence_drop", "relative_drop",
-)  # fmt: skip
+Described = dict[str, tuple[type[RegisteredMetric], str]]
+"""Value name → (its metric class, its title), for the configured labels of a sweep."""
 
 
-def _family(metric: str) -> str:
-    """``faithfulness`` (perturbation metrics) or ``localisation`` (against annotations)."""
-    return "faithfulness" if metric.startswith(FAITHFULNESS) else "localisation"
+def describe_values(specs: list[MetricSpec]) -> Described:
+    """Each value name of ``specs`` → its metric class and title (a custom label is named in
+    the title: ``confidence drop (drop_10)``)."""
+    described: Described = {}
+    for spec in specs:
+        cls = metric_class(spec.name)
+        for suffix, title in cls.outputs.items():
+            name = spec.label + suffix
+            described[name] = (cls, title if spec.label == spec.name else f"{title} ({name})")
+    return described
 
 
-def _lower_is_better(metric: str) -> bool:
-    return _value_text(metric)[1] == "↓"
+def _described(metric: str, known: Described | None) -> tuple[type[RegisteredMetric], str] | None:
+    return (known or {}).get(metric) or describe_value(metric)
 
 
-def _value_text(metric: str) -> tuple[str, str]:
-    for name, text in VALUE_TEXT.items():
-        if metric == name:
-            return text
-    for name, text in VALUE_TEXT.items():  # a custom label that starts with the metric name
-        if metric.startswith(name):
-            return f"{text[0]} ({metric})", text[1]
-    return metric, ""
+def _family(metric: str, known: Described | None = None) -> str:
+    """``faithfulness`` (perturbation metrics) or ``localisation`` (against annotations) of a
+    value name, as its metric class declares."""
+    described = _described(metric, known)
+    return "faithfulness" if described and described[0].family == "faithfulness" else "localisation"
+
+
+def _value_text(metric: str, known: Described | None = None) -> tuple[str, str]:
+    """``(title, ↑ or ↓)`` of a value name from its metric class (``known``: the sweep's
+    configured labels; else a registered value name or a label that starts with one)."""
+    described = _described(metric, known)
+    if described is None:
+        return metric, ""
+    cls, title = described
+    return title, "↑" if cls.higher_is_better else "↓"
 
 
 # -------------------------------------------------------------------------------------- plots
 
 
-def build_cutoff_figure(table: pd.DataFrame, model: str, depth: int, default_cutoff: int) -> Figure:
+def build_cutoff_figure(
+    table: pd.DataFrame, model: str, depth: int, default_cutoff: int, known: Described | None = None
+) -> Figure:
     """CAAP Fig. 7: each metric's mean (95 % CI band) vs the last intervened layer, the default
     ⌈2L/3⌉ marked; faithfulness (the figure's metrics) and localisation in separate panels."""
     metrics = list(dict.fromkeys(table["metric"]))
     families = {
-        family: [m for m in metrics if _family(m) == family]
+        family: [m for m in metrics if _family(m, known) == family]
         for family in ("faithfulness", "localisation")
     }
     families = {family: chosen for family, chosen in families.items() if chosen}
@@ -483,7 +489,7 @@ def build_cutoff_figure(table: pd.DataFrame, model: str, depth: int, default_cut
         for metric in chosen:
             rows = table[table["metric"] == metric].sort_values("cutoff")
             x = rows["cutoff"].to_numpy()
-            label, better = _value_text(metric)
+            label, better = _value_text(metric, known)
             (line,) = ax.plot(x, rows["mean"].to_numpy(), marker="o", label=f"{label} ({better})")
             low, high = rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy()
             if np.isfinite(low).any():
@@ -511,7 +517,9 @@ def build_cutoff_figure(table: pd.DataFrame, model: str, depth: int, default_cut
     return figure
 
 
-def build_operator_figure(table: pd.DataFrame, model: str, depth: int) -> Figure:
+def build_operator_figure(
+    table: pd.DataFrame, model: str, depth: int, known: Described | None = None
+) -> Figure:
     """CAAP Fig. 5: each metric's mean per selection operator (bars, 95 % CI whiskers)."""
     metrics = list(dict.fromkeys(table["metric"]))
     operators = list(dict.fromkeys(table["operator"]))
@@ -530,7 +538,8 @@ def build_operator_figure(table: pd.DataFrame, model: str, depth: int) -> Figure
         )  # fmt: skip
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xticks(np.arange(len(metrics)))
-    ax.set_xticklabels([f"{_value_text(m)[0]} {_value_text(m)[1]}" for m in metrics], rotation=15)
+    texts = [_value_text(m, known) for m in metrics]
+    ax.set_xticklabels([f"{title} {arrow}" for title, arrow in texts], rotation=15)
     ax.set_xlabel("metric (↑ / ↓ = higher / lower is better)")
     ax.set_ylabel("mean metric value (AUC / fraction / average precision)")
     ax.grid(axis="y", alpha=0.3)

@@ -13,7 +13,7 @@ Selector mappings (``{selector: ..., k: ...}``) anywhere in ``kwargs`` become se
 ``confusion`` (CASE: :class:`~saliency.targets.ConfusionContrast` on the confusion matrix the
 training run saved; options ``k`` and ``fallback: top_predictions | none``),
 ``logit_neighbours``, ``top_predictions`` and ``class_set``. A metric entry
-is a name from :data:`callbacks.evaluation_metrics.METRICS` or ``{name, label, kwargs}``.
+is a name from the metric registry (:mod:`saliency.metrics.registry`) or ``{name, label, kwargs}``.
 """
 
 from __future__ import annotations
@@ -121,22 +121,23 @@ def parse_methods(entries: Sequence[str | Mapping[str, Any]]) -> list[MethodSpec
 
 
 def parse_metrics(entries: Sequence[str | Mapping[str, Any]]) -> list[MetricSpec]:
-    """Metric specs from config entries, checked against the evaluation metric table."""
-    from callbacks.evaluation_metrics import METRICS
+    """Metric specs from config entries, checked against the metric registry
+    (:mod:`saliency.metrics.registry`): names, options and their values."""
+    from saliency.metrics.registry import list_metrics, metric_class
 
     if not entries:
         raise ConfigurationError("evaluation.metrics is empty; list at least one metric")
     specs = []
     for entry in entries:
         name, label, kwargs = _entry(entry, "metric")
-        if name not in METRICS:
-            hint = closest(name, METRICS)
+        if name not in list_metrics():
+            hint = closest(name, list_metrics())
             raise ConfigurationError(
                 f"unknown metric {name!r} in evaluation.metrics; "
                 f"{'did you mean ' + ', '.join(hint) + '? ' if hint else ''}"
-                f"available: {', '.join(sorted(METRICS))}"
+                f"available: {', '.join(list_metrics())}"
             )
-        METRICS[name].check_options(kwargs, label)
+        metric_class(name).check_options(kwargs, label)
         specs.append(MetricSpec(name, label, kwargs))
     _check_labels([s.label for s in specs], "metric")
     return specs

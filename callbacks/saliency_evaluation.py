@@ -30,7 +30,6 @@ import pandas as pd
 import torch
 import yaml
 
-from callbacks.evaluation_metrics import CURVE_POINTS, METRICS, MetricContext
 from callbacks.evaluation_spec import (
     MethodSpec,
     MetricSpec,
@@ -58,6 +57,7 @@ from lightning_modules.wandb_runs import wandb_runs
 from saliency.errors import ConfigurationError
 from saliency.layers import layer_path
 from saliency.metrics.per_sample import PerSampleValues
+from saliency.metrics.registry import MetricInputs, RegisteredMetric, create_metric, metric_class
 from saliency.stats import hypothesis_text, method_alternative
 
 log = logging.getLogger(__name__)
@@ -110,8 +110,9 @@ class SaliencyEvaluationCallback(L.Callback):
             (:func:`saliency.layers.case_layer`). Methods that explain the input (gradients,
             RISE) run once, under layer ``input``.
         targets: target policies (:mod:`callbacks.target_policies`).
-        metrics: names or ``{name, label, kwargs}`` (:data:`callbacks.evaluation_metrics.METRICS`);
-            each runs on the policies of its kind (pair metrics on ``top1_vs_top2``, ...).
+        metrics: names or ``{name, label, kwargs}`` of registered metrics
+            (:mod:`saliency.metrics.registry`); each runs on the policies of its
+            ``target_kind`` (pair metrics on ``top1_vs_top2``, ...).
         reference_method: label of the method every other is tested against in ``stats.csv``
             (default: the first method).
         reference_methods: several such labels (e.g. ``[grad_cam, edge]``): ``stats.csv`` has
@@ -218,12 +219,12 @@ class SaliencyEvaluationCallback(L.Callback):
     def _check_metric_policies(self) -> None:
         kinds = {policy.kind for policy in self.policies}
         for spec in self.metric_specs:
-            wanted = METRICS[spec.name].policy_kinds
-            if not wanted & kinds:
-                valid = [name for name, p in POLICIES.items() if p.kind in wanted]
+            wanted = metric_class(spec.name).target_kind
+            if wanted not in kinds:
+                valid = [name for name, p in POLICIES.items() if p.kind == wanted]
                 raise ConfigurationError(
                     f"metric {spec.label!r} needs a target policy of kind "
-                    f"{'/'.join(sorted(wanted))} ({', '.join(valid)}), but evaluation.targets "
+                    f"{wanted} ({', '.join(valid)}), but evaluation.targets "
                     f"is {[p.name for p in self.policies]}"
                 )
 
@@ -326,19 +327,36 @@ class SaliencyEvaluationCallback(L.Callback):
             return maps
         return grid_maps
 
+    def new_metrics(self, device: torch.device) -> dict[tuple, RegisteredMetric]:
+        """One registered metric per (method, layer, policy, metric label) whose target kind
+        the policy has, in one fixed order (all processes gather their states in it)."""
+        metrics: dict[tuple, RegisteredMetric] = {}
+        for combination in self.combinations:
+            for policy in self.policies:
+                key = (combination.spec.label, combination.layer, policy.name)
+                for spec in self.metric_specs:
+                    if metric_class(spec.name).target_kind != policy.kind:
+                        continue
+                    metric = create_metric(
+                        spec.name, **spec.kwargs, batch_size=self.perturbation_batch_size
+                    )
+                    metrics[(*key, spec.label)] = metric.to(device)
+        return metrics
+
     def evaluate_batch(
-        self, network: torch.nn.Module, batch: dict[str, Any], logits: torch.Tensor
-    ) -> tuple[dict[tuple, torch.Tensor], dict[tuple, torch.Tensor], dict[str, Any]]:
-        """Values ``{(method, layer, policy, value name): [b]}``, curves ``{(method, layer,
-        policy, kind): [b, points]}`` and the rows used, for one batch."""
+        self,
+        network: torch.nn.Module,
+        batch: dict[str, Any],
+        logits: torch.Tensor,
+        metrics: dict[tuple, RegisteredMetric],
+    ) -> dict[str, Any]:
+        """Update ``metrics`` (:meth:`new_metrics`) with one batch; returns the rows used."""
         rows = correct_rows(logits, batch) if self.correct_only else None
         if rows is not None:
             batch = {k: _select(v, rows) for k, v in batch.items()}
             logits = logits[rows]
-        values: dict[tuple, torch.Tensor] = {}
-        curves: dict[tuple, torch.Tensor] = {}
         if logits.shape[0] == 0:
-            return values, curves, batch
+            return batch
         images = batch["image"]
         columns = self._columns(batch)
         classes = torch.stack([column_classes(c, logits, batch) for c in columns], dim=1)
@@ -354,40 +372,17 @@ class SaliencyEvaluationCallback(L.Callback):
                 self._batch_maps[(combination.spec.label, combination.layer)] = maps
                 for policy in self.policies:
                     chosen = [columns.index(c) for c in policy.columns(batch)]
-                    context = MetricContext(
+                    inputs = MetricInputs(
                         model=network, images=images, maps=maps[:, chosen],
                         classes=classes[:, chosen], logits=logits, batch=batch,
-                        perturbation_batch_size=self.perturbation_batch_size,
                     )  # fmt: skip
                     key = (combination.spec.label, combination.layer, policy.name)
                     for spec in self.metric_specs:
-                        metric = METRICS[spec.name]
-                        if policy.kind not in metric.policy_kinds:
-                            continue
-                        outputs, metric_curves = metric.compute(
-                            context, metric.options(spec.kwargs)
-                        )
-                        for suffix, value in outputs.items():
-                            values[(*key, spec.label + suffix)] = value.float()
-                        for kind, curve in metric_curves.items():
-                            curves.setdefault((*key, kind), curve)
+                        metric = metrics.get((*key, spec.label))
+                        if metric is not None:
+                            metric.update(**metric.update_arguments(inputs))
         self._batch_columns, self._batch_classes = columns, classes
-        return values, curves, batch
-
-    def _value_keys(self) -> tuple[list[tuple], list[tuple]]:
-        """Every (method, layer, policy, value name) and curve key, in one fixed order (all
-        processes create and gather their states in this order)."""
-        value_keys, curve_keys = [], []
-        for combination in self.combinations:
-            for policy in self.policies:
-                key = (combination.spec.label, combination.layer, policy.name)
-                for spec in self.metric_specs:
-                    metric = METRICS[spec.name]
-                    if policy.kind not in metric.policy_kinds:
-                        continue
-                    value_keys += [(*key, name) for name in metric.value_names(spec.label)]
-                    curve_keys += [(*key, kind) for kind in metric.curves]
-        return value_keys, list(dict.fromkeys(curve_keys))
+        return batch
 
     # ------------------------------------------------------------------------------ test
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -399,11 +394,7 @@ class SaliencyEvaluationCallback(L.Callback):
                 data_normalisation(getattr(trainer, "datamodule", None)),
             )  # fmt: skip
         device = pl_module.device
-        value_keys, curve_keys = self._value_keys()
-        self._values = {k: PerSampleValues(row_shape=()).to(device) for k in value_keys}
-        self._curves = {
-            k: PerSampleValues(row_shape=(CURVE_POINTS,)).to(device) for k in curve_keys
-        }
+        self._metrics = self.new_metrics(device)
         self._predictions = PerSampleValues(row_shape=(5,)).to(device)
         self._contrast_counts = {
             (c.spec.label, c.layer, policy.name): PerSampleValues(row_shape=()).to(device)
@@ -434,12 +425,8 @@ class SaliencyEvaluationCallback(L.Callback):
             torch.cat([batch["label"][:, None].float(), top2.indices.float(), probs], dim=1),
             indices,
         )
-        values, curves, used = self.evaluate_batch(pl_module.network, batch, logits)
-        for key, value in values.items():
-            self._values[key].update(value, used["index"])
-        for key, curve in curves.items():
-            self._curves[key].update(curve, used["index"])
-        if values:
+        used = self.evaluate_batch(pl_module.network, batch, logits, self._metrics)
+        if used["index"].shape[0]:
             self._count_matrix_contrasts(used, pl_module.device)
             self._keep_gallery(used, logits if not self.correct_only else None, trainer)
 
@@ -502,21 +489,26 @@ class SaliencyEvaluationCallback(L.Callback):
             }
         )
         frames = []
-        for (method, layer, policy, metric), state in self._values.items():
-            indices, values = (t.cpu() for t in state.compute())
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "method": method,
-                        "layer": layer,
-                        "target_policy": policy,
-                        "metric": metric,
-                        "index": indices.numpy(),
-                        "value": values.numpy(),
-                    }
+        curves: dict[tuple, np.ndarray] = {}
+        for (method, layer, policy, label), state in self._metrics.items():
+            indices, columns = state.labelled_values(label)
+            for metric, values in columns.items():
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "method": method,
+                            "layer": layer,
+                            "target_policy": policy,
+                            "metric": metric,
+                            "index": indices.cpu().numpy(),
+                            "value": values.cpu().numpy(),
+                        }
+                    )
                 )
-            )
-        curves = {key: state.compute()[1].cpu().numpy() for key, state in self._curves.items()}
+            for curve in state.curves:  # the first metric of a curve kind gives its curve
+                if (method, layer, policy, curve.kind) not in curves:
+                    per_sample_curves = state.per_sample_curves()[1].cpu().numpy()
+                    curves[(method, layer, policy, curve.kind)] = per_sample_curves
         gallery = _gather_objects(self._gallery)
         self.per_sample = self._with_contrast_counts(
             pd.concat(frames, ignore_index=True).merge(samples, on="index")
@@ -790,7 +782,7 @@ class SaliencyEvaluationCallback(L.Callback):
                 pl_module.model, sample, None, pl_module.device.type,
                 data_normalisation(getattr(trainer, "datamodule", None)),
             )  # fmt: skip
-        self._running: dict[tuple, list[torch.Tensor]] = {}
+        self._watched = self.new_metrics(pl_module.device) if self._watch else {}
 
     def _watching(self, trainer: L.Trainer) -> bool:
         return (
@@ -808,18 +800,20 @@ class SaliencyEvaluationCallback(L.Callback):
         network = pl_module.model
         with torch.no_grad():
             logits = network(batch["image"])
-        values, _, _ = self.evaluate_batch(network, batch, logits)
-        for key, value in values.items():
-            self._running.setdefault(key, []).append(value)
+        self.evaluate_batch(network, batch, logits, self._watched)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._watch:
             return
-        for (method, layer, policy, metric), parts in self._running.items():
-            name = f"eval/{method}/{metric}"
-            if len(self.layers) > 1 or len(self.policies) > 1:
-                name = f"eval/{method}/{layer}/{policy}/{metric}"
-            pl_module.log(name, torch.cat(parts).mean(), sync_dist=True)
+        for (method, layer, policy, label), state in self._watched.items():
+            _, columns = state.labelled_values(label, sync=False)  # this process's samples
+            for metric, values in columns.items():
+                if not values.numel():
+                    continue
+                name = f"eval/{method}/{metric}"
+                if len(self.layers) > 1 or len(self.policies) > 1:
+                    name = f"eval/{method}/{layer}/{policy}/{metric}"
+                pl_module.log(name, values.mean(), sync_dist=True)
 
 
 def _require_keys(keys: set[str], needed: Sequence[str], what: str, advice: str) -> None:
@@ -1017,7 +1011,11 @@ def _check_sample_fields(
     lacking_metrics = {
         spec.label: missing
         for spec in metrics
-        if (missing := [k for k in METRICS[spec.name].needed_keys(spec.kwargs) if k not in keys])
+        if (
+            missing := [
+                k for k in metric_class(spec.name).needed_keys(spec.kwargs) if k not in keys
+            ]
+        )
     }
     lacking_methods = {
         c.spec.label: missing

@@ -196,6 +196,28 @@ def test_duplicated_indices_count_once_and_plots_are_readable(tmp_path):
     assert summary["cutoff/aupr1/best_cutoff"] in (1.0, 4.0)
 
 
+def test_best_cutoff_follows_each_metrics_direction(tmp_path):
+    """The cutoff sweep's best variant reads ``higher_is_better`` from the metric classes:
+    confidence drop is higher-is-better (CASE Eq. 9; it once read "lower" from a second
+    table), deletion AUC lower-is-better, also under a custom label."""
+    model, samples = small_vit(), dataset(5)
+    metrics = [
+        {"name": "confidence_drop", "label": "drop_10", "kwargs": {"fraction": 0.1}},
+        "deletion_auc",
+    ]
+    sweep = CAAPSweepCallback(cutoffs=[1, 2, 3, 4], operators=["box1"], metrics=metrics)
+    run(sweep, model, samples, tmp_path=tmp_path)
+    summary, table = sweep._summary(), sweep.tables["cutoff_sweep"]
+    drop = table[table["metric"] == "drop_10"].set_index("cutoff")["mean"]
+    deletion = table[table["metric"] == "deletion_auc"].set_index("cutoff")["mean"]
+    assert drop.idxmax() != drop.idxmin()  # the direction decides the pick on these data
+    assert summary["cutoff/drop_10/best_cutoff"] == drop.idxmax()
+    assert summary["cutoff/drop_10/best_mean"] == pytest.approx(drop.max())
+    assert summary["cutoff/deletion_auc/best_cutoff"] == deletion.idxmin()
+    legend = [t.get_text() for t in sweep._figures()["cutoff_sweep"].axes[0].get_legend().texts]
+    assert legend[:2] == ["confidence drop (drop_10) (↑)", "Deletion AUC (↓)"]
+
+
 def test_samples_keeps_the_lowest_indices(tmp_path):
     model, samples = small_vit(), dataset(5)
     callback = CAAPSweepCallback(

@@ -256,20 +256,23 @@ def metric_batch(device: str, dtype: torch.dtype) -> dict:
 
 
 def evaluation_metric_outputs(name: str, device: str, dtype: torch.dtype) -> dict:
-    """Values and curves of the evaluation's metric ``name`` (its adapter in
-    callbacks/evaluation_metrics.py, as evaluate.py calls it)."""
-    from callbacks.evaluation_metrics import METRICS, MetricContext
+    """Values and curves of the registered metric ``name``, fed as evaluate.py feeds it
+    (``update(**update_arguments(inputs))``), its state kept in ``dtype``."""
+    from saliency.metrics.registry import MetricInputs, create_metric
 
-    metric, inputs = METRICS[name], metric_batch(device, dtype)
-    columns = {"pair": 2, "random_pair": 2, "single": 1, "grid": 4}[min(metric.policy_kinds)]
-    context = MetricContext(
+    inputs = metric_batch(device, dtype)
+    metric = create_metric(name, batch_size=7).to(device)
+    metric.set_dtype(dtype)
+    columns = {"pair": 2, "random_pair": 2, "single": 1, "grid": 4}[metric.target_kind]
+    metric_inputs = MetricInputs(
         model=inputs["model"], images=inputs["images"], maps=inputs["maps"][:, :columns],
         classes=inputs["classes"][:, :columns], logits=inputs["logits"], batch=inputs["batch"],
-        perturbation_batch_size=7,
     )  # fmt: skip
-    values, curves = metric.compute(context, metric.options({}))
+    metric.update(**metric.update_arguments(metric_inputs))
+    _, values = metric.labelled_values(name, sync=False)
+    curves = {curve.kind: metric.per_sample_curves()[1] for curve in metric.curves}
     return {
-        **{f"value{k}": v for k, v in values.items()},
+        **{f"value {k}": v for k, v in values.items()},
         **{f"curve {k}": v for k, v in curves.items()},
     }
 
@@ -303,9 +306,9 @@ def analysis_metric_outputs(family: str, device: str, dtype: torch.dtype) -> dic
 
 
 def _evaluation_metric_names() -> list[str]:
-    from callbacks.evaluation_metrics import METRICS
+    from saliency.metrics.registry import list_metrics
 
-    return sorted(METRICS)
+    return list_metrics()
 
 
 METRIC_FAMILIES = [*_evaluation_metric_names(), "map_similarity", "pic", "channel_activity"]
@@ -314,7 +317,7 @@ METRIC_FAMILIES = [*_evaluation_metric_names(), "map_similarity", "pic", "channe
 @pytest.mark.parametrize("family", METRIC_FAMILIES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_metric_family_matches_float64_reference(device, family):
-    """Every metric of evaluate.py (through its adapter) and the analysis metrics on
+    """Every metric of evaluate.py (its registered class) and the analysis metrics on
     ``device`` in float32 equal a float64 CPU reference within 1e-5 + 1e-4·|value|, and return
     their values on ``device``. PIC rounds images to 8-bit pixels before WebP, so float64
     images may round differently: its reference is the float32 CPU run (on the CPU that

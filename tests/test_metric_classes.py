@@ -12,17 +12,20 @@ import pytest
 import torch
 from torch import nn
 
+from saliency.errors import ConfigurationError
 from saliency.metrics import (
     AUPR,
+    AverageDrop,
+    AverageGain,
     ConfidenceDrop,
     DeletionAUC,
-    DeletionInsertion,
-    DropIncreaseGain,
     EnergyPointingGame,
     FeatureAgreement,
     GridPointingGame,
     GridRegionScores,
+    IncreaseInConfidence,
     InsertionAUC,
+    InsertionMinusDeletion,
     LocalisationError,
     PerSampleValues,
     PointingGame,
@@ -30,9 +33,11 @@ from saliency.metrics import (
     RegionScores,
     RelativeDrop,
     SampleMetric,
+    TopKIntersection,
 )
 from saliency.metrics import functional as F
 from saliency.stats import wilcoxon_below
+from saliency.targets import LogitNeighbours
 
 N, SIZE, CLASSES = 6, 12, 5
 # Distinct, unsorted sample indices: per_sample() returns them sorted.
@@ -130,7 +135,7 @@ CASES = [
     ),
     Case(
         "relative_drop",
-        lambda: RelativeDrop(fraction=0.1, batch_size=4),
+        lambda: RelativeDrop(fraction=0.1, reference="runner_up", batch_size=4),
         lambda m, d, s, model: m.update(*_model_args(d, s, model)),
         lambda d, model: {
             "relative_drop": F.relative_drop(
@@ -159,12 +164,38 @@ CASES = [
         queries_model=True,
     ),
     Case(
-        "drop_increase_gain",
-        lambda: DropIncreaseGain(batch_size=4),
+        "relative_drop_nearest_logit",
+        lambda: RelativeDrop(fraction=0.1, batch_size=4),  # reference: nearest_logit
         lambda m, d, s, model: m.update(*_model_args(d, s, model)),
-        lambda d, model: F.drop_increase_gain(model, d["images"], d["maps"], d["classes"]),
+        lambda d, model: {
+            "relative_drop": F.relative_drop(
+                model,
+                d["images"],
+                d["maps"],
+                d["classes"],
+                LogitNeighbours(1, mode="nearest")(model(d["images"]), d["classes"])[:, 0],
+                0.1,
+                indices=SAMPLE_INDEX,
+            )
+        },
         queries_model=True,
     ),
+    *[
+        Case(
+            name,
+            lambda cls=cls: cls(batch_size=4),
+            lambda m, d, s, model: m.update(*_model_args(d, s, model)),
+            lambda d, model, name=name: {
+                name: F.drop_increase_gain(model, d["images"], d["maps"], d["classes"])[name]
+            },
+            queries_model=True,
+        )
+        for name, cls in (
+            ("average_drop", AverageDrop),
+            ("increase_in_confidence", IncreaseInConfidence),
+            ("average_gain", AverageGain),
+        )
+    ],
     Case(
         "deletion_auc",
         lambda: DeletionAUC(pixels_per_step=SIZE, batch_size=5),
@@ -186,19 +217,14 @@ CASES = [
         queries_model=True,
     ),
     Case(
-        "deletion_insertion",
-        lambda: DeletionInsertion(batch_size=7),  # pixels_per_step None = the image width
+        "insertion_minus_deletion",
+        lambda: InsertionMinusDeletion(batch_size=7),  # pixels_per_step None = the image width
         lambda m, d, s, model: m.update(*_model_args(d, s, model)),
         lambda d, model: {
-            "deletion_auc": (
-                deletion := F.deletion_auc(
-                    model, d["images"], d["maps"], d["classes"], indices=SAMPLE_INDEX
-                )
-            ),
-            "insertion_auc": (
-                insertion := _insertion_auc(model, d["images"], d["maps"], d["classes"], SIZE)
-            ),
-            "insertion_minus_deletion": insertion - deletion,
+            "insertion_minus_deletion": _insertion_auc(
+                model, d["images"], d["maps"], d["classes"], SIZE
+            )
+            - F.deletion_auc(model, d["images"], d["maps"], d["classes"], indices=SAMPLE_INDEX)
         },
         queries_model=True,
     ),
@@ -207,6 +233,18 @@ CASES = [
         PointingGame,
         lambda m, d, s, _: m.update(d["maps"][s], d["masks"][s], SAMPLE_INDEX[s]),
         lambda d, _: {"pointing_game": F.pointing_game(d["maps"], d["masks"])},
+    ),
+    Case(
+        "pointing_game_first",
+        lambda: PointingGame(ties="first"),
+        lambda m, d, s, _: m.update(d["maps"][s], d["masks"][s], SAMPLE_INDEX[s]),
+        lambda d, _: {"pointing_game": F.pointing_game(d["maps"], d["masks"], "first").float()},
+    ),
+    Case(
+        "top_k_intersection",
+        lambda: TopKIntersection(fraction=0.1),  # k = round(0.1 · 144) = 14 pixels
+        lambda m, d, s, _: m.update(d["maps"][s], d["masks"][s], SAMPLE_INDEX[s]),
+        lambda d, _: {"top_k_intersection": F.top_k_intersection(d["maps"], d["masks"], 14)},
     ),
     Case(
         "energy_pointing_game",
@@ -224,13 +262,27 @@ CASES = [
         "aupr",
         AUPR,
         lambda m, d, s, _: m.update(d["maps"][s], d["masks"][s], SAMPLE_INDEX[s]),
-        lambda d, _: dict(zip(("aupr_1", "aupr_0"), F.aupr(d["maps"], d["masks"]), strict=True)),
+        lambda d, _: dict(zip(("aupr1", "aupr0"), F.aupr(d["maps"], d["masks"]), strict=True)),
     ),
     Case(
         "grid_pointing_game",
         lambda: GridPointingGame(grid=2),
         lambda m, d, s, _: m.update(d["maps"][s], d["cells"][s], SAMPLE_INDEX[s]),
         lambda d, _: {"grid_pointing_game": F.grid_pointing_game(d["maps"], d["cells"], 2)},
+    ),
+    Case(
+        "grid_pointing_game_cells",  # every cell of a 2×2 grid image explained: their mean
+        GridPointingGame,
+        lambda m, d, s, _: m.update(
+            d["maps"][s].view(-1, 4, SIZE // 2, SIZE // 2), None, SAMPLE_INDEX[s]
+        ),
+        lambda d, _: {
+            "grid_pointing_game": F.grid_pointing_game(
+                d["maps"].view(-1, SIZE // 2, SIZE // 2), torch.arange(4).repeat(N), 2
+            )
+            .view(N, 4)
+            .mean(dim=1)
+        },
     ),
     Case(
         "region_scores",
@@ -315,7 +367,8 @@ def test_model_is_an_argument_never_state(case: Case, data, model):
     assert list(metric.children()) == []
     assert all(value is not recorder and value is not model for value in vars(metric).values())
     metric.persistent(True)
-    assert set(metric.state_dict()) == {"values", "indices"}
+    curves = {"curve_rows"} if getattr(metric, "curves", ()) else set()
+    assert set(metric.state_dict()) == {"values", "indices", *curves}
     # Perturbed images go through the model in forward batches of at most batch_size.
     assert recorder.batch_sizes and max(recorder.batch_sizes) <= metric.batch_size
     assert sum(recorder.batch_sizes) > N  # the perturbed copies were evaluated too
@@ -331,15 +384,39 @@ def test_forward_returns_batch_summary_and_accumulates(data, model):
     assert metric.compute()["confidence_drop/count"].item() == N
 
 
-def test_drop_increase_gain_reports_paper_percentages(data, model):
-    metric = DropIncreaseGain()
-    metric.update(model, data["images"], data["maps"], data["classes"], SAMPLE_INDEX)
-    result = metric.compute()
-    for name, values in F.drop_increase_gain(
-        model, data["images"], data["maps"], data["classes"]
-    ).items():
-        assert result[f"{name}/percent"].item() == pytest.approx(
-            100 * values.double().mean().item(), abs=1e-9
+def test_drop_increase_gain_reports_paper_percentages_from_one_forward(data, model):
+    recorder = BatchRecorder(model)
+    cache: dict = {}  # the three terms share one soft-masked forward
+    for cls in (AverageDrop, IncreaseInConfidence, AverageGain):
+        metric = cls()
+        metric.update(recorder, data["images"], data["maps"], data["classes"], SAMPLE_INDEX, cache)
+        result = metric.compute()
+        values = F.drop_increase_gain(model, data["images"], data["maps"], data["classes"])
+        assert result[f"{metric.name}/percent"].item() == pytest.approx(
+            100 * values[metric.name].double().mean().item(), abs=1e-9
+        )
+    assert sum(recorder.batch_sizes) == 2 * N  # originals and masked images, once
+
+
+def test_curve_metrics_keep_resampled_curves(data, model):
+    for cls, kind in ((DeletionAUC, "deletion"), (InsertionAUC, "insertion")):
+        metric = cls(pixels_per_step=SIZE)
+        metric.update(model, data["images"], data["maps"], data["classes"], SAMPLE_INDEX)
+        metric.update(model, data["images"][:2], data["maps"][:2], data["classes"][:2],
+                      SAMPLE_INDEX[:2])  # fmt: skip
+        indices, curves = metric.per_sample_curves()
+        assert [curve.kind for curve in metric.curves] == [kind]
+        assert indices.tolist() == sorted(SAMPLE_INDEX.tolist()) and curves.shape == (N, 101)
+        curve = getattr(F, f"{kind}_curve")(
+            model, data["images"], data["maps"], data["classes"], SIZE, indices=SAMPLE_INDEX
+        )
+        order = torch.argsort(SAMPLE_INDEX)
+        # 13 points at fractions k/12 land on the 101-point grid at 0 and 1
+        torch.testing.assert_close(curves[:, 0], curve[order, 0].float())
+        torch.testing.assert_close(curves[:, -1], curve[order, -1].float())
+        auc = metric.per_sample()[1]
+        torch.testing.assert_close(
+            auc, torch.trapezoid(curves.double(), dx=0.01, dim=1).float(), atol=2e-3, rtol=0
         )
 
 
@@ -392,7 +469,15 @@ def test_specific_errors(data):
     with pytest.raises(ValueError, match="batch_size"):
         DeletionAUC(batch_size=0)
     with pytest.raises(ValueError, match="pixels_per_step"):
-        DeletionInsertion(pixels_per_step=0)
+        InsertionMinusDeletion(pixels_per_step=0)
+    with pytest.raises(ValueError, match="reference"):
+        RelativeDrop(reference="nearest")
+    with pytest.raises(ValueError, match="ties"):
+        PointingGame(ties="random")
+    with pytest.raises(ValueError, match="give grid"):
+        GridPointingGame().update(data["maps"], data["cells"], SAMPLE_INDEX)
+    with pytest.raises(ConfigurationError, match="square grid"):
+        GridPointingGame().update(data["maps"][:, None].expand(-1, 3, -1, -1), None, SAMPLE_INDEX)
     with pytest.raises(ValueError, match="fraction"):
         ConfidenceDrop(fraction=0.0)
     with pytest.raises(ValueError, match="grid"):

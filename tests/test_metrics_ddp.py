@@ -20,10 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from saliency.metrics import (
+    AverageDrop,
+    AverageGain,
     ConfidenceDrop,
-    DeletionInsertion,
-    DropIncreaseGain,
+    DeletionAUC,
     FeatureAgreement,
+    InsertionMinusDeletion,
     PointingGame,
     RelativeDrop,
     SampleMetric,
@@ -79,9 +81,11 @@ def _model() -> nn.Module:
 
 def _metrics() -> dict[str, SampleMetric]:
     return {
-        "deletion_insertion": DeletionInsertion(pixels_per_step=SIZE, batch_size=3),
+        "deletion_auc": DeletionAUC(pixels_per_step=SIZE, batch_size=3),  # keeps curves too
+        "insertion_minus_deletion": InsertionMinusDeletion(pixels_per_step=SIZE, batch_size=3),
         "confidence_drop": ConfidenceDrop(fraction=0.1, batch_size=3),
-        "drop_increase_gain": DropIncreaseGain(batch_size=3),
+        "average_drop": AverageDrop(batch_size=3),
+        "average_gain": AverageGain(batch_size=3),
         "feature_agreement": FeatureAgreement(fraction=0.1, wilcoxon_threshold=0.5),
         "relative_drop": RelativeDrop(fraction=0.2, batch_size=3),
         "top_k_intersection": TopKIntersection(k=12),
@@ -92,9 +96,12 @@ def _metrics() -> dict[str, SampleMetric]:
 
 def _update(metrics: dict[str, SampleMetric], model: nn.Module, batch: dict) -> None:
     image, maps, label, index = batch["image"], batch["map"], batch["label"], batch["index"]
-    metrics["deletion_insertion"].update(model, image, maps, label, index)
+    cache: dict = {}  # as the evaluation shares curves and forwards within a batch
+    metrics["deletion_auc"].update(model, image, maps, label, index, cache)
+    metrics["insertion_minus_deletion"].update(model, image, maps, label, index, cache)
     metrics["confidence_drop"].update(model, image, maps, label, index)
-    metrics["drop_increase_gain"].update(model, image, maps, label, index)
+    metrics["average_drop"].update(model, image, maps, label, index, cache)
+    metrics["average_gain"].update(model, image, maps, label, index, cache)
     metrics["feature_agreement"].update(maps, batch["map_b"], index)
     metrics["relative_drop"].update(model, image, maps, label, index)
     metrics["top_k_intersection"].update(maps, batch["mask"], index)
@@ -111,6 +118,10 @@ def _results(metrics: dict[str, SampleMetric]) -> dict[str, dict]:
             "table": {column: values.tolist() for column, values in table.items()},
             "local_rows": sum(part.numel() for part in metric.indices),
         }
+        if getattr(metric, "curves", ()):
+            curve_indices, curves = metric.per_sample_curves()
+            results[name]["table"]["curves"] = curves.tolist()
+            results[name]["curve_indices"] = curve_indices.tolist()
         if dist.is_initialized():
             with metric.sync_context():  # the raw gathered state, before de-duplication
                 results[name]["gathered_rows"] = metric.indices.numel()
@@ -198,7 +209,8 @@ def test_two_processes_equal_one_process(tmp_path):
                     assert got["summary"][key] == pytest.approx(value, abs=1e-6, nan_ok=True)
         # The sampler padded: 8 rows gathered for 7 samples, 4 on each rank; compute() and
         # per_sample_table() counted the duplicate once.
-        for name in ("deletion_insertion", "confidence_drop", "feature_agreement", "relative_drop"):
+        assert results["deletion_auc"]["curve_indices"] == list(range(NUM_SAMPLES))
+        for name in ("deletion_auc", "confidence_drop", "feature_agreement", "relative_drop"):
             assert results[name]["local_rows"] == 4
             assert results[name]["gathered_rows"] == 8 > NUM_SAMPLES
         # A rank without samples contributes an empty state that gathers with the others.

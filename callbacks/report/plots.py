@@ -23,6 +23,8 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from saliency.metrics.registry import curve_info
+
 DPI = 100
 AGREEMENT_METRIC = "feature_agreement"
 AGREEMENT_BINS = 20
@@ -30,34 +32,6 @@ AGREEMENT_BINS = 20
 PERTURBATION_CURVES = ("deletion", "insertion")
 PIC_CURVES = ("pic_sic", "pic_aic")
 CURVE_KINDS = PERTURBATION_CURVES + PIC_CURVES
-
-# curve kind -> (title, x label, y label, which AUC is better)
-_CURVE_TEXT = {
-    "deletion": (
-        "Deletion curve",
-        "fraction of pixels deleted, most salient first (0–1)",
-        "mean softmax probability of the explained class (0–1)",
-        "lower AUC = more faithful",
-    ),
-    "insertion": (
-        "Insertion curve",
-        "fraction of pixels inserted into the blurred image, most salient first (0–1)",
-        "mean softmax probability of the explained class (0–1)",
-        "higher AUC = more faithful",
-    ),
-    "pic_sic": (
-        "Softmax information curve (SIC)",
-        "normalised information level of the kept pixels (compressed size, 0–1)",
-        "normalised softmax score of the explained class (0–1)",
-        "higher AUC = better",
-    ),
-    "pic_aic": (
-        "Accuracy information curve (AIC)",
-        "normalised information level of the kept pixels (compressed size, 0–1)",
-        "normalised accuracy (0–1)",
-        "higher AUC = better",
-    ),
-}
 
 # Measures drawn on [0, 1] when no value is negative: the rank correlation of the maps'
 # absolute values (Adebayo et al.) and SSIM are mostly positive but may dip below 0.
@@ -292,7 +266,10 @@ def build_curve_figure(
         raise ValueError(
             f"curves has no {curve!r} rows for layer={layer!r}, target_policy={target_policy!r}"
         )
-    title, x_label, y_label, better = _CURVE_TEXT[curve]
+    info, metric = curve_info(curve)  # the metric class's text and direction
+    title, x_label, y_label = info.title, info.x_label, info.y_label
+    meaning = "more faithful" if getattr(metric, "family", "") == "faithfulness" else "better"
+    better = f"{'higher' if metric.higher_is_better else 'lower'} AUC = {meaning}"
     methods = _ordered(selected["method"])
     colours = _colours(methods)
     figure = Figure(figsize=(6.4, 4.8), layout="constrained")

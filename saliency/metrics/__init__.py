@@ -1,12 +1,20 @@
 """Metrics: torchmetrics classes over per-sample values; pure functions in ``functional``.
 
+The metrics the evaluation offers register themselves by name with their metadata
+(:mod:`saliency.metrics.registry`: ``create_metric``, ``metric_class``, ``list_metrics``).
 Every class keeps per-sample scalars plus the sample index (``dist_reduce_fx="cat"``),
 de-duplicated by index, so padded duplicates from a ``DistributedSampler`` never count twice;
 ``compute()`` returns summary statistics and ``per_sample()`` the values for tests between
 methods (see :class:`~saliency.metrics.per_sample.SampleMetric`).
 """
 
-from saliency.metrics.confidence import ConfidenceDrop, DropIncreaseGain, RelativeDrop
+from saliency.metrics.confidence import (
+    AverageDrop,
+    AverageGain,
+    ConfidenceDrop,
+    IncreaseInConfidence,
+    RelativeDrop,
+)
 from saliency.metrics.feature_agreement import FeatureAgreement
 from saliency.metrics.localisation import (
     AUPR,
@@ -24,34 +32,56 @@ from saliency.metrics.per_sample import (
     summary_statistics,
     unique_by_index,
 )
-from saliency.metrics.perturbation_curves import DeletionAUC, DeletionInsertion, InsertionAUC
+from saliency.metrics.perturbation_curves import DeletionAUC, InsertionAUC, InsertionMinusDeletion
 from saliency.metrics.pic import PerformanceInformationCurves
 from saliency.metrics.random_logit import RandomLogit
+from saliency.metrics.registry import (
+    CurveInfo,
+    MetricInputs,
+    RegisteredMetric,
+    create_metric,
+    curve_info,
+    list_metrics,
+    metric_class,
+    register_curves,
+    register_metric,
+)
 from saliency.metrics.representation import ChannelActivity
 from saliency.metrics.sanity_checks import MapSimilarity
 
 __all__ = [
     "AUPR",
+    "AverageDrop",
+    "AverageGain",
     "ChannelActivity",
     "ConfidenceDrop",
+    "CurveInfo",
     "DeletionAUC",
-    "DeletionInsertion",
-    "DropIncreaseGain",
     "EnergyPointingGame",
     "FeatureAgreement",
     "GridPointingGame",
     "GridRegionScores",
+    "IncreaseInConfidence",
     "InsertionAUC",
+    "InsertionMinusDeletion",
     "LocalisationError",
     "MapSimilarity",
+    "MetricInputs",
     "PerSampleValues",
     "PerformanceInformationCurves",
     "PointingGame",
     "RandomLogit",
     "RegionScores",
+    "RegisteredMetric",
     "RelativeDrop",
     "SampleMetric",
     "TopKIntersection",
+    "create_metric",
+    "curve_info",
+    "list_metrics",
+    "metric_class",
+    "register_curves",
+    "register_metric",
     "summary_statistics",
     "unique_by_index",
 ]

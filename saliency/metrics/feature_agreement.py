@@ -8,11 +8,12 @@ from typing import Any, ClassVar
 import torch
 
 from saliency.metrics.functional.feature_agreement import feature_agreement, top_fraction_count
-from saliency.metrics.per_sample import SampleMetric
+from saliency.metrics.registry import MetricInputs, RegisteredMetric, register_metric
 from saliency.stats import wilcoxon_below
 
 
-class FeatureAgreement(SampleMetric):
+@register_metric("feature_agreement")
+class FeatureAgreement(RegisteredMetric):
     """Per-sample ``|topk(E) ∩ topk(E′)| / k`` (CASE Eq. 7) of the maps of two classes, usually
     the top-1 and top-2 predictions; lower = more class-sensitive. Ties count by their expected
     overlap under uniform tie-breaking (:mod:`saliency.metrics.functional.ties`), so two maps
@@ -29,8 +30,12 @@ class FeatureAgreement(SampleMetric):
     the ``[B]`` sample indices. Column: ``feature_agreement``.
     """
 
-    value_names: ClassVar[tuple[str, ...]] = ("feature_agreement",)
     higher_is_better = False
+    title = "feature agreement"
+    family = "class_sensitivity"
+    target_kind = "pair"
+    # the evaluation tests agreement with its own evaluation.agreement_threshold
+    internal_options: ClassVar[tuple[str, ...]] = ("wilcoxon_threshold",)
 
     def __init__(
         self, fraction: float = 0.05, wilcoxon_threshold: float | None = None, **kwargs: Any
@@ -47,6 +52,9 @@ class FeatureAgreement(SampleMetric):
     def update(self, maps_a: torch.Tensor, maps_b: torch.Tensor, index: torch.Tensor) -> None:
         """Agreement of ``maps_a`` and ``maps_b`` (``[B, H, W]``) for the samples ``index``."""
         self._add(index, feature_agreement=feature_agreement(maps_a, maps_b, self.fraction))
+
+    def update_arguments(self, inputs: MetricInputs) -> dict[str, torch.Tensor]:
+        return {"maps_a": inputs.maps[:, 0], "maps_b": inputs.maps[:, 1], "index": inputs.index}
 
     def _extra_statistics(self, name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.wilcoxon_threshold is None:

@@ -10,12 +10,15 @@ game uses boxes).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
+from saliency.errors import ConfigurationError
 from saliency.metrics.functional.localisation import (
     aupr,
+    boxes_to_masks,
     energy_pointing_game,
     grid_pointing_game,
     grid_region_scores,
@@ -25,6 +28,7 @@ from saliency.metrics.functional.localisation import (
     top_k_intersection,
 )
 from saliency.metrics.per_sample import SampleMetric
+from saliency.metrics.registry import MetricInputs, RegisteredMetric, register_metric
 
 _REGION_COLUMNS = ("region_attribution", "iou", "precision", "recall", "f1")
 
@@ -44,57 +48,109 @@ def _check_region_options(blur_kernel: int, threshold: float) -> None:
         )
 
 
-class PointingGame(SampleMetric):
+def region_masks(batch: Mapping[str, Any], key: str, size: tuple[int, int]) -> torch.Tensor:
+    """Bool ``[B, H, W]`` regions from the batch field ``key``: a mask ``[B, H, W]``, the
+    union of per-object masks ``[B, n, H, W]`` or of xyxy pixel boxes ``[B, n, 4]`` (padded
+    with empty boxes) at the image ``size``."""
+    value = batch[key]
+    if key == "boxes":
+        height, width = size
+        boxes = value.reshape(-1, 4)
+        value = boxes_to_masks(boxes, height, width).view(*value.shape[:2], height, width)
+    if value.dim() == 4:
+        value = value.any(dim=1)
+    return value.bool()
+
+
+class _MaskMetric(RegisteredMetric):
+    """A single-map metric against the region of the batch field ``mask_key`` (``mask``,
+    ``part_mask`` or ``boxes``): ``update(maps, masks, index)``."""
+
+    family = "localisation"
+
+    def __init__(self, mask_key: str = "mask", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mask_key = mask_key
+
+    def update_arguments(self, inputs: MetricInputs) -> dict[str, torch.Tensor]:
+        maps, _ = inputs.single
+        masks = region_masks(inputs.batch, self.mask_key, inputs.images.shape[-2:])
+        return {"maps": maps, "masks": masks.to(maps.device), "index": inputs.index}
+
+
+@register_metric("pointing_game")
+class PointingGame(_MaskMetric):
     """Per-sample hit (1/0): the map's maximum lies inside the mask (Zhang et al. 2018; CAAP
-    Sec. 4 "PG"); tied maxima score the expected hit, the share of them inside the mask. The
-    paper's score is the hit rate, the column's mean.
+    Sec. 4 "PG"); tied maxima score by ``ties``: ``expected`` (default) the share of them
+    inside the mask, ``first`` the first in row-major order, ``any`` a hit when any is inside
+    (:func:`~saliency.metrics.functional.localisation.pointing_game`). The paper's score is the
+    hit rate, the column's mean.
 
     ``update(maps, masks, index)``. Column: ``pointing_game``.
     """
 
-    value_names: ClassVar[tuple[str, ...]] = ("pointing_game",)
     higher_is_better = True
+    title = "pointing game"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"ties": ("expected", "first", "any")}
+
+    def __init__(self, mask_key: str = "mask", ties: str = "expected", **kwargs: Any) -> None:
+        super().__init__(mask_key, **kwargs)
+        if ties not in self.choices["ties"]:
+            raise ValueError(f"ties must be one of {self.choices['ties']}, got {ties!r}")
+        self.ties = ties
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
         """Hits of ``maps`` in ``masks`` (bool) for the samples ``index``."""
-        self._add(index, pointing_game=pointing_game(maps, masks))
+        self._add(index, pointing_game=pointing_game(maps, masks, self.ties).float())
 
 
-class EnergyPointingGame(SampleMetric):
+@register_metric("energy_pointing_game")
+class EnergyPointingGame(_MaskMetric):
     """Per-sample share of the positive saliency mass inside the mask (Score-CAM, Wang et al.
     2020; ClusCAM App. C Eq. 14); reported as the mean.
 
     ``update(maps, masks, index)``. Column: ``energy_pointing_game``.
     """
 
-    value_names: ClassVar[tuple[str, ...]] = ("energy_pointing_game",)
     higher_is_better = True
+    title = "energy pointing game"
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
         """Energy of ``maps`` inside ``masks`` (bool) for the samples ``index``."""
         self._add(index, energy_pointing_game=energy_pointing_game(maps, masks))
 
 
-class TopKIntersection(SampleMetric):
+@register_metric("top_k_intersection")
+class TopKIntersection(_MaskMetric):
     """Per-sample share of the ``k`` highest-valued pixels inside the mask (Theiner et al.
     2021; Quantus ``TopKIntersection``); ties at the ``k``-th value count by their expected
     share (:mod:`saliency.metrics.functional.ties`).
 
+    Args:
+        mask_key: the batch field of the region (evaluation).
+        fraction: ``k`` as a share of the map's pixels, ``max(1, round(fraction · H · W))``.
+        k: a number of pixels instead (Quantus' ``k``); wins over ``fraction`` when given.
+
     ``update(maps, masks, index)``. Column: ``top_k_intersection``.
     """
 
-    value_names: ClassVar[tuple[str, ...]] = ("top_k_intersection",)
     higher_is_better = True
+    title = "top-k intersection"
 
-    def __init__(self, k: int = 1000, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    def __init__(
+        self, mask_key: str = "mask", fraction: float = 0.05, k: int | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(mask_key, **kwargs)
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be a positive number of pixels, got {k!r}")
-        self.k = k
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be a share of the pixels in (0, 1], got {fraction}")
+        self.fraction, self.k = fraction, k
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
         """Top-``k`` intersection of ``maps`` with ``masks`` (bool) for the samples ``index``."""
-        self._add(index, top_k_intersection=top_k_intersection(maps, masks, self.k))
+        k = self.k or max(1, round(self.fraction * maps[0].numel()))
+        self._add(index, top_k_intersection=top_k_intersection(maps, masks, k))
 
 
 class LocalisationError(SampleMetric):
@@ -113,50 +169,78 @@ class LocalisationError(SampleMetric):
         self._add(index, localisation_error=localisation_error(maps, boxes))
 
 
-class AUPR(SampleMetric):
+@register_metric("aupr")
+class AUPR(_MaskMetric):
     """Per-sample AUPR₁ (average precision of the min-max normalised map against the mask) and
     AUPR₀ (of ``1 − map`` against the inverted mask) (CAAP Sec. 4); reported as means, higher
     is better.
 
-    ``update(maps, masks, index)``. Columns: ``aupr_1``, ``aupr_0``.
+    ``update(maps, masks, index)``. Columns: ``aupr1``, ``aupr0``.
     """
 
-    value_names: ClassVar[tuple[str, ...]] = ("aupr_1", "aupr_0")
     higher_is_better = True
+    title = "AUPR"
+    outputs: ClassVar[dict[str, str]] = {"1": "AUPR₁", "0": "AUPR₀"}
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
         """AUPR₁ and AUPR₀ of ``maps`` against ``masks`` (bool) for the samples ``index``."""
         positive, negative = aupr(maps, masks)
-        self._add(index, aupr_1=positive, aupr_0=negative)
+        self._add(index, aupr1=positive, aupr0=negative)
 
 
-class GridPointingGame(SampleMetric):
+@register_metric("grid_pointing_game")
+class GridPointingGame(RegisteredMetric):
     """Per-sample share of the positive mass in the target cell of a ``grid × grid`` image
     (Rao et al. 2022; VAR Sec. 4.1, App. B.1); 0 when the total is ≤ ``eps``; chance is
     ``1 / grid²``; reported as the mean. Keeping only confidently and correctly classified
     grids (≥ 0.99) is the caller's / the grid dataset's.
 
     Args:
-        grid: cells per side (2 for Quad grids).
+        grid: cells per side (2 for Quad grids); ``None``: from the number of cells of the
+            ``[B, cells, H, W]`` form below (required with ``cell_index``).
         eps: total positive mass below which the score is 0 (Rao et al.: 1e-7).
         kwargs: torchmetrics ``Metric`` options.
 
-    ``update(maps, cell_index, index)`` with ``cell_index`` ``[B]`` row-major target cells.
-    Column: ``grid_pointing_game``.
+    ``update(maps, cell_index, index)`` with maps ``[B, H, W]`` and ``cell_index`` ``[B]``
+    row-major target cells, one value per map; or maps ``[B, cells, H, W]`` (each cell of each
+    grid explained) with ``cell_index=None``: per grid the mean over its cells (the
+    evaluation's ``grid`` target policy). Column: ``grid_pointing_game``.
     """
 
-    value_names: ClassVar[tuple[str, ...]] = ("grid_pointing_game",)
     higher_is_better = True
+    title = "grid pointing game"
+    family = "localisation"
+    target_kind = "grid"
 
-    def __init__(self, grid: int = 2, eps: float = 1e-7, **kwargs: Any) -> None:
+    def __init__(self, grid: int | None = None, eps: float = 1e-7, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.grid = _check_grid(grid)
+        self.grid = None if grid is None else _check_grid(grid)
         self.eps = eps
 
-    def update(self, maps: torch.Tensor, cell_index: torch.Tensor, index: torch.Tensor) -> None:
+    def update(
+        self, maps: torch.Tensor, cell_index: torch.Tensor | None, index: torch.Tensor
+    ) -> None:
         """Share of ``maps`` in cells ``cell_index`` for the samples ``index``."""
-        score = grid_pointing_game(maps, cell_index, self.grid, self.eps)
-        self._add(index, grid_pointing_game=score)
+        if cell_index is not None:
+            if self.grid is None:
+                raise ValueError("GridPointingGame(grid=None) scores [B, cells, H, W] maps; "
+                                 "give grid (cells per side) to score maps with a cell_index")  # fmt: skip
+            score = grid_pointing_game(maps, cell_index, self.grid, self.eps)
+            self._add(index, grid_pointing_game=score)
+            return
+        batch, cells = maps.shape[:2]
+        grid = self.grid or round(cells**0.5)
+        if grid * grid != cells:
+            raise ConfigurationError(
+                f"grid_pointing_game needs a square grid of {'grid² = ' if self.grid else ''}"
+                f"{grid * grid if self.grid else 'n²'} cells, got {cells} cells"
+            )
+        cell_index = torch.arange(cells, device=maps.device).repeat(batch)
+        score = grid_pointing_game(maps.flatten(0, 1), cell_index, grid, self.eps)
+        self._add(index, grid_pointing_game=score.view(batch, cells).mean(dim=1))
+
+    def update_arguments(self, inputs: MetricInputs) -> dict[str, Any]:
+        return {"maps": inputs.maps, "cell_index": None, "index": inputs.index}
 
 
 class _RegionScoreOptions(SampleMetric):

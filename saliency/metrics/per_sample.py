@@ -85,8 +85,8 @@ class _IndexedRows(Metric):
     def _unique_rows(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """De-duplicated ``(indices [N], rows [N, width])`` sorted by index, from the current
         (local, or gathered inside ``compute``) state."""
-        indices = _cat(self.indices, torch.int64, self.device).long()
-        values = _cat(self.values, self.dtype, self.device)
+        indices = cat_state(self.indices, torch.int64, self.device).long()
+        values = cat_state(self.values, self.dtype, self.device)
         if values.numel() != indices.numel() * width:
             raise RuntimeError(
                 f"metric state holds {values.numel()} values for {indices.numel()} indices, "
@@ -123,9 +123,10 @@ def _check_index(index: torch.Tensor) -> None:
         )
 
 
-def _cat(
+def cat_state(
     state: list[torch.Tensor] | torch.Tensor, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
+    """A ``dist_reduce_fx="cat"`` list state as one flat tensor (empty: of ``dtype``)."""
     if isinstance(state, torch.Tensor):  # already concatenated by the distributed sync
         return state.reshape(-1)
     if not state:
@@ -248,8 +249,12 @@ class SampleMetric(_IndexedRows):
         """Statistics beyond :func:`summary_statistics` for column ``name`` (none by default)."""
         return {}
 
-    def per_sample_table(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(indices [N], {column: values [N]})``, de-duplicated and sorted by index."""
+    def per_sample_table(self, sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(indices [N], {column: values [N]})``, de-duplicated and sorted by index; of every
+        process (collective under DDP), or with ``sync=False`` of this process only."""
+        if not sync:
+            indices, rows = self._unique_rows(len(self.value_names))
+            return indices, {name: rows[:, i] for i, name in enumerate(self.value_names)}
         with self.sync_context(
             dist_sync_fn=self.dist_sync_fn,
             should_sync=self._to_sync,

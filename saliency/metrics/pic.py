@@ -16,8 +16,12 @@ from saliency.metrics.functional.pic import (
     random_pixel_masks,
 )
 from saliency.metrics.per_sample import SampleMetric, summary_statistics
+from saliency.metrics.registry import CurveInfo, register_curves
+
+_INFORMATION = "normalised information level of the kept pixels (compressed size, 0–1)"
 
 
+@register_curves
 class PerformanceInformationCurves(SampleMetric):
     """Per-image SIC and AIC areas with their validity flags (XRAI's skipping rules: original
     softmax < ``min_confidence``, a start image not less informative or not lower-scoring).
@@ -36,6 +40,14 @@ class PerformanceInformationCurves(SampleMetric):
 
     value_names: ClassVar[tuple[str, ...]] = ("sic_auc", "aic_auc", "sic_valid", "aic_valid")
     higher_is_better = True
+    curves: ClassVar[tuple[CurveInfo, ...]] = (
+        CurveInfo(
+            "pic_sic", "Softmax information curve (SIC)", _INFORMATION,
+            "normalised softmax score of the explained class (0–1)",
+        ),
+        CurveInfo("pic_aic", "Accuracy information curve (AIC)", _INFORMATION,
+                  "normalised accuracy (0–1)"),
+    )  # fmt: skip
 
     def __init__(
         self,

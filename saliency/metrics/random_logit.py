@@ -7,10 +7,11 @@ from typing import Any, ClassVar
 import torch
 
 from saliency.metrics.functional.random_logit import random_logit
-from saliency.metrics.per_sample import SampleMetric
+from saliency.metrics.registry import MetricInputs, RegisteredMetric, register_metric
 
 
-class RandomLogit(SampleMetric):
+@register_metric("random_logit")
+class RandomLogit(RegisteredMetric):
     """Per-sample SSIM of the map of the explained class and the map of a random other class
     (:func:`~saliency.metrics.functional.random_logit.random_logit`, as Quantus); lower = more
     class-sensitive. Draw the other class per sample index with
@@ -20,12 +21,22 @@ class RandomLogit(SampleMetric):
     Column: ``random_logit``.
     """
 
-    value_names: ClassVar[tuple[str, ...]] = ("random_logit",)
     higher_is_better = False
+    title = "Random Logit"
+    family = "class_sensitivity"
+    target_kind = "random_pair"
+    choices: ClassVar[dict[str, tuple[bool, ...]]] = {
+        "normalise": (True, False),
+        "abs": (True, False),
+    }
 
-    def __init__(self, normalise: bool = True, absolute: bool = False, **kwargs: Any) -> None:
+    # ``abs``: Quantus' name of the option (compare magnitudes), as configs spell it
+    def __init__(self, normalise: bool = True, abs: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.normalise, self.absolute = normalise, absolute
+        self.normalise, self.absolute = normalise, abs
+
+    def update_arguments(self, inputs: MetricInputs) -> dict[str, torch.Tensor]:
+        return {"maps": inputs.maps[:, 0], "other_maps": inputs.maps[:, 1], "index": inputs.index}
 
     def update(self, maps: torch.Tensor, other_maps: torch.Tensor, index: torch.Tensor) -> None:
         """Similarity of ``maps`` and ``other_maps`` for the samples ``index``."""
