@@ -246,20 +246,17 @@ def test_bad_configs_fail_before_any_computation(trained_run, tmp_path, monkeypa
     assert "'greater'" in message and "method_greater, method_less" in message
 
 
-def test_class_sensitivity_study_shows_ceiling_chance_and_both_references(
-    trained_run, tmp_path, monkeypatch
-):
+def test_class_sensitivity_study_shows_ceiling_chance_and_both_references(trained_run, tmp_path):
     """configs/evaluate/class_sensitivity.yaml as documented, on the tiny run: the reference
     maps reach their closed forms (oracle_part: mark energy 1; oracle_object: the mark's share
     of the object; random: about the mark's share of the image; every class-agnostic map:
     Random Logit 1), stats.csv tests every method against grad_cam AND edge, and the sibling
-    share of a datamodule that defines siblings is reported."""
+    share of the shapes datamodule (its sibling_classes) is reported."""
     from datamodules import ShapesDataModule
 
     def siblings(datamodule):
         return [datamodule.config.siblings(c) for c in range(datamodule.num_classes)]
 
-    monkeypatch.setattr(ShapesDataModule, "sibling_classes", property(siblings), raising=False)
     study = ["--config", "configs/evaluate/class_sensitivity.yaml", "--evaluation.correct_only",
              "false", "--evaluation.sanity_check", "null", "--evaluation.gallery_size", "1"]  # fmt: skip
     evaluate.main([*_args(trained_run, tmp_path, "study"), *study])
