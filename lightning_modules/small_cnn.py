@@ -38,7 +38,10 @@ class SmallCNN(nn.Module):
             if 0 < i < last:
                 blocks = [nn.MaxPool2d(2), *blocks, _conv_block(width, width)]
             elif i == last > 0:
-                blocks = [_conv_block(previous, width, 2), _conv_block(width, width, 2)]
+                # nn.Identity where the pool was keeps the layer paths of a pooled stage
+                # (features.3.1, features.3.2.0, ...) that configs and studies name.
+                dilated = [_conv_block(previous, width, 2), _conv_block(width, width, 2)]
+                blocks = [nn.Identity(), *dilated]
             stages.append(nn.Sequential(*blocks))
             previous = width
         self.features = nn.Sequential(*stages)
