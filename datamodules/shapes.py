@@ -18,6 +18,11 @@ class ShapesDataModule(L.LightningDataModule):
         data_seed: seed of the benchmark itself, independent of the training ``--seed``, so
             runs with different training seeds see the same data.
         clutter: background rectangles per image; noise_std: pixel noise.
+        mark_contrast: how far the mark's colour is from the object's, as a fraction of the way
+            to the complementary colour (1: the complement; the default 0.12 is faint, so the
+            mark is the hard, fine-grained evidence).
+        label_mode: ``fine`` (class = shape × mark) or ``shape`` (the coarse task: class =
+            shape, same images).
         batch_size, num_workers: data loading.
     """
 
@@ -35,6 +40,8 @@ class ShapesDataModule(L.LightningDataModule):
         data_seed: int = 0,
         clutter: int = 4,
         noise_std: float = 0.04,
+        mark_contrast: float = 0.12,
+        label_mode: str = "fine",
         batch_size: int = 64,
         num_workers: int = 0,
     ) -> None:
@@ -47,6 +54,8 @@ class ShapesDataModule(L.LightningDataModule):
             seed=data_seed,
             clutter=clutter,
             noise_std=noise_std,
+            mark_contrast=mark_contrast,
+            label_mode=label_mode,
         )
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.batch_size = batch_size
@@ -59,6 +68,14 @@ class ShapesDataModule(L.LightningDataModule):
     @property
     def class_names(self) -> list[str]:
         return self.config.class_names
+
+    @property
+    def sibling_classes(self) -> list[list[int]] | None:
+        """``sibling_classes[c]``: the classes with the shape of ``c`` and another mark (read by
+        the evaluation's top-2 = sibling share); ``None`` when labels are shapes."""
+        if self.config.label_mode == "shape":
+            return None
+        return [self.config.siblings(c) for c in range(self.num_classes)]
 
     def split_source(self, split: str) -> str:
         """Splits are generated from ``(config, split name)``: distinct for distinct names

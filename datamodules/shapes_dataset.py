@@ -4,6 +4,13 @@ Class ``c`` is the pair (shape, mark position): ``shape = c // num_marks``, ``ma
 Sibling classes share the shape and differ only by where a small mark sits on the object, so the
 evidence that *discriminates* a class from its sibling is known pixel-exactly (``part_mask``).
 
+The default design makes the fine-grained axis the hard one: large objects of distinct shapes
+(easy to tell apart) carry a faint mark (``mark_contrast`` 0.12: the mark's colour is 12 % of the
+way from the object's colour to its complement), so a trained model's second guess is the sibling
+(same shape, other mark), not another shape. ``label_mode="shape"`` labels the same images by
+shape only (the coarse task; ``num_shapes`` classes), e.g. to pre-train an encoder that a linear
+probe then reads for the fine classes (``configs/experiment/linear_probe_shapes.yaml``).
+
 Sample ``i`` of a split is a pure function of ``(seed, split, i)``: every random draw comes from a
 ``torch.Generator`` seeded by a stable hash of that triple, so samples are identical across
 processes, workers, ranks and machines, and nothing is stored on disk.
@@ -31,6 +38,9 @@ MARK_POSITIONS: dict[str, tuple[float, float]] = {
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
+LABEL_MODES: tuple[str, ...] = ("fine", "shape")
+"""``fine``: class = (shape, mark position); ``shape``: class = shape (the coarse task)."""
+
 
 @dataclass(frozen=True)
 class ShapesConfig:
@@ -42,10 +52,12 @@ class ShapesConfig:
     seed: int = 0
     clutter: int = 4
     noise_std: float = 0.04
-    min_radius: float = 0.22
-    max_radius: float = 0.32
+    min_radius: float = 0.36
+    max_radius: float = 0.48
     max_rotation_deg: float = 20.0
-    mark_radius: float = 0.07
+    mark_radius: float = 0.09
+    mark_contrast: float = 0.12
+    label_mode: str = "fine"
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_shapes <= len(SHAPES):
@@ -58,20 +70,39 @@ class ShapesConfig:
                 f"num_marks={self.num_marks} is out of range: choose 1..{len(MARK_POSITIONS)} "
                 f"(mark positions: {', '.join(MARK_POSITIONS)})"
             )
+        if not 0.0 < self.mark_contrast <= 1.0:
+            raise ValueError(
+                f"mark_contrast={self.mark_contrast} is out of range: choose a value in (0, 1] "
+                f"(1: the mark has the complementary colour of the object)"
+            )
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(
+                f"unknown label_mode {self.label_mode!r}; expected one of {', '.join(LABEL_MODES)}"
+            )
         if self.image_size < 16:
             raise ValueError(f"image_size={self.image_size} is too small: use at least 16 pixels")
 
     @property
-    def num_classes(self) -> int:
+    def num_fine_classes(self) -> int:
+        """(shape, mark) pairs: what an image shows, whatever the label mode."""
         return self.num_shapes * self.num_marks
 
     @property
+    def num_classes(self) -> int:
+        return self.num_shapes if self.label_mode == "shape" else self.num_fine_classes
+
+    @property
     def class_names(self) -> list[str]:
+        if self.label_mode == "shape":
+            return list(SHAPES[: self.num_shapes])
         marks = list(MARK_POSITIONS)[: self.num_marks]
         return [f"{shape}-{mark}" for shape in SHAPES[: self.num_shapes] for mark in marks]
 
     def siblings(self, label: int) -> list[int]:
-        """Classes with the same shape as ``label`` and a different mark."""
+        """Classes with the same shape as ``label`` and a different mark (none when labels are
+        shapes)."""
+        if self.label_mode == "shape":
+            return []
         first = (label // self.num_marks) * self.num_marks
         return [c for c in range(first, first + self.num_marks) if c != label]
 
@@ -132,9 +163,15 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
+    def fine_class_of(self, index: int) -> int:
+        """The (shape, mark) class sample ``index`` shows: cycling through the fine classes
+        keeps every split balanced in both label modes."""
+        return index % self.config.num_fine_classes
+
     def label_of(self, index: int) -> int:
-        """Labels cycle through the classes so every split is balanced."""
-        return index % self.config.num_classes
+        """The fine class, or its shape with ``label_mode="shape"``."""
+        fine = self.fine_class_of(index)
+        return fine // self.config.num_marks if self.config.label_mode == "shape" else fine
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < self.size:
@@ -161,9 +198,9 @@ class ShapesDataset(Dataset):
         def uniform(lo: float, hi: float) -> float:
             return lo + (hi - lo) * next(draws)
 
-        label = self.label_of(index)
-        shape = SHAPES[label // cfg.num_marks]
-        mark_u, mark_v = list(MARK_POSITIONS.values())[label % cfg.num_marks]
+        fine = self.fine_class_of(index)
+        shape = SHAPES[fine // cfg.num_marks]
+        mark_u, mark_v = list(MARK_POSITIONS.values())[fine % cfg.num_marks]
         xs, ys = self._xs, self._ys
 
         # Background: a random colour gradient, then clutter rectangles the object may occlude.
@@ -190,10 +227,12 @@ class ShapesDataset(Dataset):
         colour = _saturated_colour(uniform(0.0, 1.0), uniform(0.7, 1.0))
         pixels = torch.where(mask, colour.view(3, 1, 1), pixels)
 
-        # Mark: a disc in the complementary colour at the class's position in the object frame.
+        # Mark: a disc at the class's position in the object frame, its colour mark_contrast of
+        # the way from the object's colour to the complementary colour.
         mark_r = cfg.mark_radius / radius
         part_mask = ((u - mark_u).square() + (v - mark_v).square() <= mark_r**2) & mask
-        pixels = torch.where(part_mask, (1.0 - colour).view(3, 1, 1), pixels)
+        mark_colour = torch.lerp(colour, 1.0 - colour, cfg.mark_contrast)
+        pixels = torch.where(part_mask, mark_colour.view(3, 1, 1), pixels)
 
         noise = torch.randn(pixels.shape, generator=g) * cfg.noise_std
         return (pixels + noise).clamp_(0.0, 1.0), mask, part_mask

@@ -74,6 +74,8 @@ def _timm(
 ) -> nn.Module:
     import timm
 
+    import lightning_modules.shapes_vit  # noqa: F401  (registers timm:vit_convstem_shapes)
+
     if not timm.is_model(model_name):
         suggestions = closest(model_name, timm.list_models())
         raise ConfigurationError(

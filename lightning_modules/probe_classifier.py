@@ -78,8 +78,10 @@ def build_feature_backbone(
     ``[B, D]``, and ``D``. timm: built with ``num_classes=0``; ``pooling`` picks a ViT's class
     token (``cls``) or the mean of its patch tokens (``mean_patch``, Finer-CAM's DINOv2 probe).
     torchvision: the last ``nn.Linear`` replaced by ``nn.Identity``. ``weights_path`` is a state
-    dict of this headless network, loaded last; ``model_kwargs`` go to the library's constructor
-    (e.g. a timm ViT's ``img_size``)."""
+    dict of this headless network, loaded last, or a ``train.py`` checkpoint of a classifier
+    with this architecture (``outputs/<run>/checkpoints/last.ckpt``: its network without the
+    linear head, e.g. an encoder trained on the coarse shape task, :func:`load_encoder_weights`);
+    ``model_kwargs`` go to the library's constructor (e.g. a timm ViT's ``img_size``)."""
     if model_name.startswith("timm:"):
         backbone = build_backbone(model_name, 0, pretrained, model_kwargs=model_kwargs)
         _set_timm_pooling(backbone, model_name, pooling)
@@ -100,8 +102,40 @@ def build_feature_backbone(
             f"{model_name!r}"
         )
     if weights_path is not None:
-        load_weights(backbone, weights_path)
+        load_encoder_weights(backbone, weights_path)
     return backbone, feature_dim
+
+
+def load_encoder_weights(backbone: nn.Module, weights_path: str) -> None:
+    """Load ``weights_path`` into a headless ``backbone``: a state dict of it
+    (:func:`~lightning_modules.backbones.load_weights`), or a ``train.py`` checkpoint
+    (``state_dict`` keys ``model.<name>``) of the same network with a classifier head, whose
+    linear head (the one weight/bias pair the headless network lacks) is dropped."""
+    path = Path(weights_path)
+    if path.suffix not in (".ckpt", ".pt", ".pth") or not path.is_file():
+        load_weights(backbone, weights_path)
+        return
+    checkpoint = load_torch_file(path, "a state dict or a train.py checkpoint")
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not state or not all(k.startswith("model.") for k in state):
+        load_weights(backbone, weights_path)
+        return
+    state = {key.removeprefix("model."): value for key, value in state.items()}
+    extra = sorted(set(state) - set(backbone.state_dict()))
+    heads = {key.rpartition(".")[0] for key in extra}
+    if len(heads) == 1 and extra == [f"{next(iter(heads))}.bias", f"{next(iter(heads))}.weight"]:
+        head = next(iter(heads))
+        if state[f"{head}.weight"].ndim == 2:
+            del state[f"{head}.weight"], state[f"{head}.bias"]
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as error:
+        first = " ".join(str(error).strip().splitlines()[:3])[:300]
+        raise ConfigurationError(
+            f"the network of the train.py checkpoint {path} does not fit the probe's backbone "
+            f"{type(backbone).__name__} (only its linear head is dropped): {first}; train it with "
+            f"the same backbone and backbone_kwargs"
+        ) from error
 
 
 def _set_timm_pooling(model: nn.Module, model_name: str, pooling: Pooling) -> None:

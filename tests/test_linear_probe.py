@@ -330,3 +330,32 @@ def test_ddp_rank_zero_computes_the_cache_and_both_ranks_train(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
     assert np.load(tmp_path / "ddp" / "confusion_matrix.npy").sum() == 30  # each sample once
+
+
+def test_probe_backbone_loads_a_train_py_classifier_checkpoint_without_its_head(tmp_path):
+    """The shapes probe's encoder: a train.py checkpoint of a 5-class (coarse, label_mode shape)
+    classifier; its network is loaded into the headless backbone, its head dropped, and a
+    checkpoint of another architecture is refused with the reason."""
+    from lightning_modules import ClassifierModule
+
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 1}
+    coarse = ClassifierModule(
+        backbone="timm:vit_convstem_shapes", num_classes=5, backbone_kwargs=kwargs
+    )
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": coarse.state_dict(), "hyper_parameters": {}}, path)
+    backbone, dim = build_feature_backbone(
+        "timm:vit_convstem_shapes", False, str(path), "cls", kwargs
+    )
+    assert dim == 192
+    loaded = backbone.state_dict()
+    assert not any(key.startswith("head.") for key in loaded)
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, coarse.model.state_dict()[key], rtol=0, atol=0)
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(backbone.eval()(images), coarse.model.eval().forward_head(
+        coarse.model.forward_features(images), pre_logits=True))  # fmt: skip
+    with pytest.raises(ConfigurationError, match="does not fit the probe's backbone"):
+        build_feature_backbone(
+            "timm:vit_convstem_shapes", False, str(path), "cls", {**kwargs, "depth": 2}
+        )
