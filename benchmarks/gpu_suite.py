@@ -412,10 +412,18 @@ def step_study(profile: Profile, device: torch.device, output: Path) -> Job:
     data_root = work / f"imagenet-{profile.study_images}"
     run_dir = work / "outputs" / "class-sensitivity"
     start = time.perf_counter()
-    fabricate_imagenet_val(data_root, profile.study_images)
+    # a small train split for the holdout confusion matrix: one image for each of the first
+    # classes (random-init model, so the matrix only has to be computed the way a real one is)
+    train_images = max(16, profile.study_images // 10)
+    fabricate_imagenet_val(data_root, profile.study_images, train_images=train_images)
     fabricate_s = time.perf_counter() - start
     timer_file = folder / "loops.json"
     timer_file.unlink(missing_ok=True)
+    import yaml
+
+    # the study's methods without oracle_part: ImageNet-S gives object masks, no part masks
+    study_methods = yaml.safe_load(Path(STUDY_CONFIG).read_text())["evaluation"]["methods"]
+    methods = [method for method in study_methods if method != "oracle_part"]
     overrides = {
         "model": {"model_name": profile.study_model, "num_classes": 1000, "pretrained": False},
         "data": {
@@ -443,10 +451,15 @@ def step_study(profile: Profile, device: torch.device, output: Path) -> Job:
             ],
         },
         "evaluation": {
-            # every image of the folder; CASE's confusion matrix from a validation pass, as
-            # for a pretrained model; the fabricated data has object masks but no part masks
+            # every image of the folder; CASE's confusion matrix from a held-out sample of
+            # the train split, as the ImageNet configs compute it for a pretrained model (the
+            # val split is the explained one); the data has object masks but no part masks
             "sample_size": None,
-            "confusion_matrix": "validate",
+            "confusion_matrix": "holdout",
+            "confusion_holdout_per_class": 1,
+            "methods": methods,
+            # a random-init network classifies almost nothing correctly: explain every image
+            "correct_only": False,
             "metrics": [
                 "feature_agreement",
                 {

@@ -513,6 +513,8 @@ class SaliencyEvaluationCallback(L.Callback):
         self.per_sample = self._with_contrast_counts(
             pd.concat(frames, ignore_index=True).merge(samples, on="index")
         )
+        if self.per_sample.empty:
+            raise ConfigurationError(_nothing_explained(len(samples), self.correct_only))
         self.dataset_checks = sibling_share(
             samples, getattr(trainer.datamodule, "sibling_classes", None)
         )
@@ -936,6 +938,21 @@ def _select(value: Any, rows: torch.Tensor) -> Any:
     if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows.shape[0]:
         return value[rows.to(value.device)]
     return value
+
+
+def _nothing_explained(evaluated: int, correct_only: bool) -> str:
+    """Why an evaluation has no value to report, and what to change."""
+    if correct_only and evaluated:
+        return (
+            f"nothing was explained: evaluation.correct_only is true and the model classified "
+            f"none of the {evaluated} evaluated test samples correctly (an untrained or "
+            f"randomly initialised model?); evaluate a trained model, or pass "
+            f"--evaluation.correct_only false"
+        )
+    return (
+        f"nothing was explained: the evaluation saw {evaluated} test samples; check the "
+        f"dataset's test split and evaluation.sample_size"
+    )
 
 
 def _gather_objects(items: list[Any]) -> list[Any]:

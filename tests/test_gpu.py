@@ -469,12 +469,14 @@ def test_autocast_metric_values_stay_within_tolerance(device, dtype):
             low_logits = model(probes).float()
     delta_z = 2 * (low_logits - reference_logits).abs().max()
 
+    indices = torch.arange(len(images), device=images.device)  # seeds the tie-breaking orders
+
     def model_metrics() -> dict[str, torch.Tensor]:
         terms = M.drop_increase_gain(model, images, maps, classes, batch_size=7)
         return {
-            "deletion_auc": M.deletion_auc(model, images, maps, classes, pixels_per_step=32, batch_size=7),
-            "insertion_auc": M.insertion_auc(model, images, maps, classes, pixels_per_step=32, batch_size=7),
-            "confidence_drop": M.confidence_drop(model, images, maps, classes, batch_size=7),
+            "deletion_auc": M.deletion_auc(model, images, maps, classes, pixels_per_step=32, batch_size=7, indices=indices),
+            "insertion_auc": M.insertion_auc(model, images, maps, classes, pixels_per_step=32, batch_size=7, indices=indices),
+            "confidence_drop": M.confidence_drop(model, images, maps, classes, batch_size=7, indices=indices),
             "average_drop": terms["average_drop"],
             "average_gain": terms["average_gain"],
         }  # fmt: skip

@@ -23,7 +23,7 @@ import evaluate
 import train
 from callbacks.run_outputs import OWNER, StagedResults
 from lightning_modules.cli import run_cli
-from tests.conftest import tiny_train_args
+from tests.conftest import TINY_DATA, tiny_train_args
 from tests.fabricated_data import make_image_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,6 +105,29 @@ def test_dataset_errors_are_one_line_and_the_staging_folder_goes(
     missing = [*arguments, "--data.root", str(tmp_path / "nowhere")]
     message = _fails_with(evaluate, missing, monkeypatch, capsys)
     assert str(tmp_path / "nowhere") in message and "expected" in message
+
+
+def test_an_evaluation_that_explains_nothing_says_why(trained_run, tmp_path, monkeypatch, capsys):
+    """``correct_only`` with a model that classifies no sample correctly (an untrained model;
+    here every prediction is counted wrong) ends with the reason and the flag to change, not
+    with an error of the report's table."""
+    import callbacks.saliency_evaluation as evaluation_callback
+
+    def nothing_correct(logits, batch):
+        return torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+
+    monkeypatch.setattr(evaluation_callback, "correct_rows", nothing_correct)
+    monkeypatch.chdir(REPO)
+    arguments = [
+        "--model.checkpoint", str(trained_run / "checkpoints" / "last.ckpt"), *TINY_DATA,
+        "--evaluation.correct_only", "true", "--evaluation.methods", "[grad_cam]",
+        "--evaluation.metrics", "[deletion_auc]", "--evaluation.gallery_size", "0",
+        "--output_dir", str(tmp_path), "--run_name", "nothing", *QUIET,
+    ]  # fmt: skip
+    message = _fails_with(evaluate, arguments, monkeypatch, capsys)
+    assert "none of the 7 evaluated test samples correctly" in message
+    assert "--evaluation.correct_only false" in message
+    assert not list((tmp_path / "nothing").glob(".staging-*"))
 
 
 def test_a_run_that_writes_no_checkpoint_says_so(tmp_path, monkeypatch, capsys):
