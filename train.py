@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 def _require_checkpoint(folder, trainer) -> None:
     """A run that trained nothing (``max_epochs 0``, ``limit_train_batches 0``, ...) writes no
     checkpoint and so gives nothing to evaluate: say so instead of ending quietly."""
-    from saliency.errors import ConfigurationError
+    from contrastive_saliency.errors import ConfigurationError
 
     if any(folder.glob("*.ckpt")):
         return

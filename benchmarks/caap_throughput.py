@@ -34,7 +34,7 @@ from benchmarks._timing import (
     print_table,
     write_json,
 )
-from saliency.methods.caap import CAAP
+from contrastive_saliency.methods.caap import CAAP
 
 
 def timed(method: CAAP, images, classes, device, repeats: int, warmup: int):

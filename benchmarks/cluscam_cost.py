@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._timing import environment, median_seconds, print_table, write_json
-from saliency.kmeans import kmeans
-from saliency.methods.cluscam import (
+from contrastive_saliency.kmeans import kmeans
+from contrastive_saliency.methods.cluscam import (
     CLUSCAM_PRESETS,
     ClusCAM,
     combine,

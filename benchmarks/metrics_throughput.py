@@ -13,7 +13,7 @@ Writes JSON (default ``benchmarks/results/metrics_throughput_<device>.json``) an
 table. Random-init weights and random maps: the cost does not depend on them.
 
 It also times the feature agreement (CASE Eq. 7) with its tie rule — the expected overlap under
-uniform tie-breaking (:mod:`saliency.metrics.functional.ties`) — against the version it
+uniform tie-breaking (:mod:`contrastive_saliency.metrics.functional.ties`) — against the version it
 replaced, which ranked each map with a stable sort and so padded a sparse map's top k in
 raster order (kept below, only as this baseline), side by side on dense and on sparse maps
 (issue 16 acceptance: the unbiased one costs at most 2× the old). Only that comparison:
@@ -42,7 +42,7 @@ from benchmarks._timing import (
     print_table,
     write_json,
 )
-from saliency.metrics import functional as F
+from contrastive_saliency.metrics import functional as F
 
 
 def stable_sort_feature_agreement(
@@ -137,7 +137,7 @@ def order_comparison(
 def _time_orders(
     flat: torch.Tensor, size: int, device: torch.device, repeats: int
 ) -> list[dict[str, Any]]:
-    from saliency.metrics.functional.ties import pixel_ranks, top_k_positions
+    from contrastive_saliency.metrics.functional.ties import pixel_ranks, top_k_positions
 
     indices = torch.arange(flat.shape[0], device=device)
     k = round(0.05 * flat.shape[1])

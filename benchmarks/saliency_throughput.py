@@ -62,9 +62,9 @@ from benchmarks._timing import (
     random_batch,
     write_json,
 )
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method, list_methods
-from saliency.targets import ConfusionContrast, LogitNeighbours
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method, list_methods
+from contrastive_saliency.targets import ConfusionContrast, LogitNeighbours
 
 # pytorch-grad-cam classes producing the same maps as ours (by name).
 GRAD_CAM_LIBRARY = {

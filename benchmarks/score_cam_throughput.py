@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import saliency.methods.score_cams  # noqa: F401  (registers score_cam, ablation_cam)
+import contrastive_saliency.methods.score_cams  # noqa: F401  (registers score_cam, ablation_cam)
 from benchmarks._timing import (
     PeakMemory,
     environment,
@@ -49,7 +49,7 @@ from benchmarks._timing import (
     synchronise,
     write_json,
 )
-from saliency.methods import create_method
+from contrastive_saliency.methods import create_method
 
 
 def build_model(name: str, device: torch.device) -> torch.nn.Module:

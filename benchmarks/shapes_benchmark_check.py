@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 
 from benchmarks._timing import environment, load_average, write_json
+from contrastive_saliency.layers import default_layer, resolve_layer
 from lightning_modules.evaluation import load_classifier
-from saliency.layers import default_layer, resolve_layer
 
 REFERENCES = ("oracle_part", "oracle_object", "random")
 

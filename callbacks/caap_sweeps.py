@@ -11,7 +11,7 @@ variant, all samples of the batch in one call:
   default cutoff ⌈2L/3⌉.
 
 A variant in both sweeps (the default operator at ⌈2L/3⌉) is computed once. Each map is scored
-with the registered metrics of :mod:`saliency.metrics.registry` (one metric object per variant
+with the registered metrics of :mod:`contrastive_saliency.metrics.registry` (one metric object per variant
 and metric; the deletion and insertion curves behind Ins−Del are shared through the per-batch
 cache of each variant): by default those of the paper's figures, insertion and deletion AUC,
 Ins−Del, pointing game and AUPR₁/AUPR₀ against the object mask. Per-sample values are kept with
@@ -41,16 +41,16 @@ from callbacks.explained_model import (
     first_test_indices,
     model_description,
 )
-from saliency.errors import ConfigurationError
-from saliency.methods.caap import CAAP, SELECTIONS, check_layers
-from saliency.metrics.registry import (
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods.caap import CAAP, SELECTIONS, check_layers
+from contrastive_saliency.metrics.registry import (
     MetricInputs,
     RegisteredMetric,
     create_metric,
     describe_value,
     metric_class,
 )
-from saliency.stats import mean_confidence_interval
+from contrastive_saliency.stats import mean_confidence_interval
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class CAAPSweepCallback(L.Callback):
         operators: selection operators of the operator sweep (of ``none``, ``box1``,
             ``box2``, ``manhattan``).
         metrics: names or ``{name, label, kwargs}`` of single-map evaluation metrics
-            (:mod:`saliency.metrics.registry`).
+            (:mod:`contrastive_saliency.metrics.registry`).
         first_layer: the first intervened layer ``l_s`` (paper: 1, "from the first block").
         default_operator: the operator of the cutoff sweep (paper default ``box1``).
         samples: sweep only the ``samples`` lowest sample indices of the test split
@@ -103,7 +103,7 @@ class CAAPSweepCallback(L.Callback):
         missing_annotations: what to do with a metric whose annotation (e.g. ``mask``) the
             dataset lacks: ``error`` (default) or ``skip`` it with a warning (e.g. ImageNet
             without ImageNet-S masks: the faithfulness metrics still run).
-        caap_kwargs: further :class:`~saliency.methods.caap.CAAP` options (``blank``,
+        caap_kwargs: further :class:`~contrastive_saliency.methods.caap.CAAP` options (``blank``,
             ``patch_batch_size``, ``precompute_blank``, ``blank_prototype``,
             ``normalisation``: default the datamodule's); the mode is always ``parallel`` and
             the layers / selection come from the sweep.

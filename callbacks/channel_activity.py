@@ -34,16 +34,16 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from callbacks.analysis_outputs import publish_analysis
-from saliency.channel_activity import (
+from contrastive_saliency.channel_activity import (
     CASE_THRESHOLD,
     active_channel_counts,
     check_layers,
     check_threshold,
     per_class_active_channels,
 )
-from saliency.errors import ConfigurationError
-from saliency.feature_layout import check_layout
-from saliency.metrics.per_sample import PerSampleValues
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.feature_layout import check_layout
+from contrastive_saliency.metrics.per_sample import PerSampleValues
 
 FIGURE = "channel_activity_kde"
 _KDE_POINTS = 512
@@ -60,7 +60,7 @@ class ChannelActivityCallback(L.Callback):
         correct_only: average over correctly predicted images only (the paper's protocol).
         name: the analysis name: output folder ``analyses/<name>/`` and W&B prefix.
         layout: force the layout of every layer (``nchw``/``nhwc``/``tokens``; ``None`` =
-            detect per layer, :mod:`saliency.feature_layout`).
+            detect per layer, :mod:`contrastive_saliency.feature_layout`).
     """
 
     def __init__(

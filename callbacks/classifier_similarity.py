@@ -32,15 +32,15 @@ from callbacks.channel_activity import (
     model_label,
     network_of,
 )
-from saliency.classifier_similarity import (
+from contrastive_saliency.classifier_similarity import (
     ClassifierHead,
     SelfSimilarity,
     find_classifier_head,
     nearest_classes,
     similarity_curve,
 )
-from saliency.errors import ConfigurationError
-from saliency.metrics.functional.representation import cosine_similarity_matrix
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.metrics.functional.representation import cosine_similarity_matrix
 
 FIGURE = "classifier_similarity"
 NEAREST = 3
@@ -52,7 +52,7 @@ class ClassifierSimilarityCallback(L.Callback):
 
     Args:
         head: dotted path of the final linear layer (``None``: found automatically, see
-            :func:`saliency.classifier_similarity.find_classifier_head`).
+            :func:`contrastive_saliency.classifier_similarity.find_classifier_head`).
         max_rank: keep the first ``max_rank`` ranks (``None``: all other classes).
         self_similarity: ``exclude`` ranks the other classes only; ``zero`` keeps the paper's
             literal zeroed diagonal (App. A.1: "the diagonal elements are subtracted by 1").
@@ -126,7 +126,7 @@ class ClassifierSimilarityCallback(L.Callback):
 
 def curve_table(curve) -> pd.DataFrame:
     """``rank, mean, sd, min, max, classes`` of a
-    :class:`~saliency.classifier_similarity.SimilarityCurve`."""
+    :class:`~contrastive_saliency.classifier_similarity.SimilarityCurve`."""
     return pd.DataFrame(
         {
             "rank": curve.ranks.numpy(),

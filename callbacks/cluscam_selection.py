@@ -2,10 +2,10 @@
 App. B: Alg. 2, Alg. 3, Eqs. 8–10; Table 3 for the paper's values).
 
 For every candidate K, each test sample's group scores ``s_j = logit_c(x ⊙ M_j) − logit_c(x)``
-(Eq. 5) are computed in ``on_test_batch_end`` by :func:`saliency.cluscam_selection.score_matrix`
+(Eq. 5) are computed in ``on_test_batch_end`` by :func:`contrastive_saliency.cluscam_selection.score_matrix`
 (ClusCAM clusters each image as if alone, so batching does not change them) and kept with the
 sample ``index``; at the end they are gathered from every process and de-duplicated by index
-(exactly once under DDP). Then, as :func:`~saliency.cluscam_selection.select_hyperparameters`
+(exactly once under DDP). Then, as :func:`~contrastive_saliency.cluscam_selection.select_hyperparameters`
 does on a dataloader: ``P(K)`` = mean score (Eq. 8), K* = maximum discrete curvature
 (Alg. 2), r = mean non-salient posterior of a two-Gaussian fit to the scores at K* (Alg. 3,
 Eq. 9), τ = 1/ln(1 + rK*) (Eq. 10). Rank zero publishes them
@@ -31,7 +31,7 @@ from callbacks.explained_model import (
     model_description,
     model_name,
 )
-from saliency.cluscam_selection import (
+from contrastive_saliency.cluscam_selection import (
     ClusCAMSelection,
     Target,
     curvature_elbow,
@@ -39,9 +39,9 @@ from saliency.cluscam_selection import (
     selection_from_scores,
     temperature_from,
 )
-from saliency.errors import ConfigurationError
-from saliency.methods.cluscam import CLUSCAM_PRESETS, ClusCAM, ClusCAMPreset
-from saliency.metrics.per_sample import PerSampleValues
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods.cluscam import CLUSCAM_PRESETS, ClusCAM, ClusCAMPreset
+from contrastive_saliency.metrics.per_sample import PerSampleValues
 
 # Model names (the part after ``timm:`` / ``torchvision:``, without a timm weight tag) whose
 # architecture has a row in Table 3. EfficientNet and PVTv2 are left out: the paper does not
@@ -77,11 +77,11 @@ class ClusCAMSelectionCallback(L.Callback):
         target: the class c of Eq. 5: the sample's ``label`` (default) or the model's
             ``prediction`` (the reference code's validation script).
         preset: the Table 3 row to compare with (a key of
-            :data:`saliency.methods.cluscam.CLUSCAM_PRESETS`); ``None``: looked up from the
+            :data:`contrastive_saliency.methods.cluscam.CLUSCAM_PRESETS`); ``None``: looked up from the
             evaluated model's name (:data:`PRESET_BY_MODEL`), else no comparison.
         seed: k-means random state (the code's ``random_state=0``).
         batch_size: masked images per forward when scoring groups.
-        cluscam_kwargs: further :class:`~saliency.methods.cluscam.ClusCAM` options
+        cluscam_kwargs: further :class:`~contrastive_saliency.methods.cluscam.ClusCAM` options
             (``kmeans_iterations``, ``kmeans_tol``, ``layout``).
         name: the analysis directory ``<run_dir>/analyses/<name>/`` and W&B prefix.
     """

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.metrics.per_sample import PerSampleValues
 from datamodules.split_source import split_source
 from lightning_modules.wandb_runs import wandb_runs
-from saliency.errors import ConfigurationError
-from saliency.metrics.per_sample import PerSampleValues
 
 log = logging.getLogger(__name__)
 

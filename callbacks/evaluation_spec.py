@@ -10,10 +10,10 @@ A method entry is a registered name or a mapping::
       - {name: var, label: var_grad_cam, kwargs: {base: grad_cam}}
 
 Selector mappings (``{selector: ..., k: ...}``) anywhere in ``kwargs`` become selector objects:
-``confusion`` (CASE: :class:`~saliency.targets.ConfusionContrast` on the confusion matrix the
+``confusion`` (CASE: :class:`~contrastive_saliency.targets.ConfusionContrast` on the confusion matrix the
 training run saved; options ``k`` and ``fallback: top_predictions | none``),
 ``logit_neighbours``, ``top_predictions`` and ``class_set``. A metric entry
-is a name from the metric registry (:mod:`saliency.metrics.registry`) or ``{name, label, kwargs}``.
+is a name from the metric registry (:mod:`contrastive_saliency.metrics.registry`) or ``{name, label, kwargs}``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from saliency.errors import ConfigurationError, UnknownMethodError, closest
+from contrastive_saliency.errors import ConfigurationError, UnknownMethodError, closest
 
 SELECTORS = ("confusion", "logit_neighbours", "top_predictions", "class_set")
 _LABEL = re.compile(r"^[A-Za-z0-9_.@%+-]+$")
@@ -100,7 +100,7 @@ def _check_labels(labels: Sequence[str], what: str) -> None:
 
 def parse_methods(entries: Sequence[str | Mapping[str, Any]]) -> list[MethodSpec]:
     """Method specs from config entries; unknown names fail with the valid ones listed."""
-    from saliency.methods import list_methods
+    from contrastive_saliency.methods import list_methods
 
     if not entries:
         raise ConfigurationError("evaluation.methods is empty; list at least one method")
@@ -122,8 +122,8 @@ def parse_methods(entries: Sequence[str | Mapping[str, Any]]) -> list[MethodSpec
 
 def parse_metrics(entries: Sequence[str | Mapping[str, Any]]) -> list[MetricSpec]:
     """Metric specs from config entries, checked against the metric registry
-    (:mod:`saliency.metrics.registry`): names, options and their values."""
-    from saliency.metrics.registry import list_metrics, metric_class
+    (:mod:`contrastive_saliency.metrics.registry`): names, options and their values."""
+    from contrastive_saliency.metrics.registry import list_metrics, metric_class
 
     if not entries:
         raise ConfigurationError("evaluation.metrics is empty; list at least one metric")
@@ -168,7 +168,12 @@ def _check_selectors(value: Any, where: str) -> None:
 
 def resolve_selectors(value: Any, confusion_matrix: str | Path | None) -> Any:
     """Replace ``{selector: ..., **options}`` mappings in ``value`` by selector objects."""
-    from saliency.targets import ClassSet, ConfusionContrast, LogitNeighbours, TopPredictions
+    from contrastive_saliency.targets import (
+        ClassSet,
+        ConfusionContrast,
+        LogitNeighbours,
+        TopPredictions,
+    )
 
     if isinstance(value, Mapping):
         if "selector" in value:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from saliency.stats import (
+from contrastive_saliency.stats import (
     benjamini_hochberg,
     compare_methods,
     holm,
@@ -71,7 +71,7 @@ def method_tests(
     alternative: str = "two_sided",
 ) -> pd.DataFrame:
     """Every method vs each of ``references`` per (layer, target policy, metric), paired on the
-    sample index (:func:`saliency.stats.compare_methods`): paired t-test, Cohen's d_z, and for
+    sample index (:func:`contrastive_saliency.stats.compare_methods`): paired t-test, Cohen's d_z, and for
     feature agreement the Wilcoxon test against the threshold. The t-test's direction is
     ``alternative`` (``method_greater``, ``method_less``, ``two_sided``: each method relative
     to its reference; H1 in words in the ``hypothesis`` column). One row per (method,

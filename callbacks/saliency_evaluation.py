@@ -53,12 +53,17 @@ from callbacks.target_policies import (
     correct_rows,
     parse_policies,
 )
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.layers import layer_path
+from contrastive_saliency.metrics.per_sample import PerSampleValues
+from contrastive_saliency.metrics.registry import (
+    MetricInputs,
+    RegisteredMetric,
+    create_metric,
+    metric_class,
+)
+from contrastive_saliency.stats import hypothesis_text, method_alternative
 from lightning_modules.wandb_runs import wandb_runs
-from saliency.errors import ConfigurationError
-from saliency.layers import layer_path
-from saliency.metrics.per_sample import PerSampleValues
-from saliency.metrics.registry import MetricInputs, RegisteredMetric, create_metric, metric_class
-from saliency.stats import hypothesis_text, method_alternative
 
 log = logging.getLogger(__name__)
 INPUT_LAYER = "input"  # the layer label of methods that explain the input (no layer)
@@ -107,11 +112,11 @@ class SaliencyEvaluationCallback(L.Callback):
         methods: names or ``{name, label, kwargs}`` (:mod:`callbacks.evaluation_spec`).
         layers: dotted layer paths; ``null`` = each network's default layer;
             ``protocol:case`` = the layer CASE explains on this architecture
-            (:func:`saliency.layers.case_layer`). Methods that explain the input (gradients,
+            (:func:`contrastive_saliency.layers.case_layer`). Methods that explain the input (gradients,
             RISE) run once, under layer ``input``.
         targets: target policies (:mod:`callbacks.target_policies`).
         metrics: names or ``{name, label, kwargs}`` of registered metrics
-            (:mod:`saliency.metrics.registry`); each runs on the policies of its
+            (:mod:`contrastive_saliency.metrics.registry`); each runs on the policies of its
             ``target_kind`` (pair metrics on ``top1_vs_top2``, ...).
         reference_method: label of the method every other is tested against in ``stats.csv``
             (default: the first method).
@@ -120,7 +125,7 @@ class SaliencyEvaluationCallback(L.Callback):
             of ``reference_method``; not both).
         agreement_threshold: Wilcoxon threshold for feature agreement (CASE paper 0.5, code 0.7).
         test_alternative: direction of each method's paired t-test against the reference
-            method, by name (:data:`saliency.stats.METHOD_ALTERNATIVES`): ``method_greater``,
+            method, by name (:data:`contrastive_saliency.stats.METHOD_ALTERNATIVES`): ``method_greater``,
             ``method_less`` or ``two_sided`` (default; CASE's code). CASE Eq. 9 with CASE as
             the reference is ``method_less``. ``stats.csv`` and ``report.md`` state H1 in words.
         correct_only: explain only correctly classified samples (CASE RQ2 protocol).
@@ -270,7 +275,7 @@ class SaliencyEvaluationCallback(L.Callback):
         self._sanity_order(network)  # a wrong layer name fails now, not after the evaluation
 
     def _build(self, network: torch.nn.Module, matrix: str | Path | None) -> list[_Combination]:
-        from saliency.methods import create_method
+        from contrastive_saliency.methods import create_method
 
         combinations: list[_Combination] = []
         for configured in self.layers:
@@ -291,7 +296,7 @@ class SaliencyEvaluationCallback(L.Callback):
     def _method_kwargs(self, spec: MethodSpec, matrix: str | Path | None) -> dict[str, Any]:
         """The spec's options with selectors built and the data's normalisation added where
         the method takes one and the config does not set it."""
-        from saliency.methods import method_options
+        from contrastive_saliency.methods import method_options
 
         kwargs = resolve_selectors(dict(spec.kwargs), matrix)
         if self._normalisation is not None and "normalisation" in method_options(spec.name):
@@ -554,7 +559,7 @@ class SaliencyEvaluationCallback(L.Callback):
         against ``network``."""
         if self.sanity_check is None:
             return None
-        from saliency.metrics.functional import (
+        from contrastive_saliency.metrics.functional import (
             grouped_randomisation_order,
             resolve_randomisation_order,
         )
@@ -590,7 +595,7 @@ class SaliencyEvaluationCallback(L.Callback):
         if self.sanity_check is None or not gallery:
             return None
         from callbacks.sanity_checks import randomisation_curves
-        from saliency.methods import create_method
+        from contrastive_saliency.methods import create_method
 
         network = pl_module.network
         chosen = gallery[: self.sanity_check["samples"]]
@@ -864,7 +869,7 @@ def _check_sanity_options(
     - ``target`` (``randomised_argmax``, the protocol): the class explained on a randomised
       model is its own argmax; ``original`` keeps the trained model's prediction.
     - ``order`` (module names, logits first) or ``group_depth`` (blocks by the first n name
-      components, :func:`~saliency.metrics.functional.grouped_randomisation_order`); neither:
+      components, :func:`~contrastive_saliency.metrics.functional.grouped_randomisation_order`); neither:
       every parameterised layer is one step. ``max_steps``: only the first steps.
     - ``seed`` (0): the random values of the re-initialised layers.
     """

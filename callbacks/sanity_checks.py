@@ -5,7 +5,7 @@ model should drift away; one that stays similar is insensitive to the parameters
 
 Protocol (PROTOCOLS.md, "Sanity check"): the maps are compared by the Spearman rank correlation
 with and without absolute value, SSIM of the [0, 1]-normalised maps and the Spearman
-correlation of their HOG features (:mod:`saliency.metrics.functional.map_similarity`); all
+correlation of their HOG features (:mod:`contrastive_saliency.metrics.functional.map_similarity`); all
 requested measures are computed from the same maps in one pass. The class explained on a
 randomised model is that model's own argmax (``target="randomised_argmax"``, Adebayo et al.'s
 reference code); ``target="original"`` keeps explaining the trained model's prediction.
@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from saliency.metrics.functional import (
+from contrastive_saliency.metrics.functional import (
     cascading_randomisation,
     default_randomisation_order,
     hog_similarity,

@@ -11,7 +11,7 @@
 
 ``random_pair`` is its own kind so that metrics of a pair of predicted classes (feature
 agreement) do not run on it; ``random_logit`` runs only there. The other class is
-:func:`saliency.index_random.random_other_classes` (seed :data:`RANDOM_OTHER_SEED`): the same
+:func:`contrastive_saliency.index_random.random_other_classes` (seed :data:`RANDOM_OTHER_SEED`): the same
 class for a sample on every rank and in every batch.
 
 Columns are named (``top1``, ``top2``, ``ground_truth``, ``cell0``…): policies sharing a column
@@ -25,8 +25,8 @@ from typing import Literal
 
 import torch
 
-from saliency.errors import ConfigurationError, closest
-from saliency.index_random import random_other_classes
+from contrastive_saliency.errors import ConfigurationError, closest
+from contrastive_saliency.index_random import random_other_classes
 
 PolicyKind = Literal["single", "pair", "grid", "random_pair"]
 RANDOM_OTHER_SEED = 0

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from contrastive_saliency.errors import UserInputError
 from datamodules.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,7 +27,6 @@ from datamodules.transforms import (
     TransformConfig,
     config_from_model,
 )
-from saliency.errors import UserInputError
 
 EVAL_SPLITS = ("val", "test")
 

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from contrastive_saliency.checks import check_batch_size
 from datamodules.base import collate_samples
 from datamodules.cache_files import dataset_identity, model_fingerprint, write_atomically
-from saliency.checks import check_batch_size
 
 CACHE_FORMAT = 1
 """Version of the confidence-filter cache files; a file of another version is recomputed."""

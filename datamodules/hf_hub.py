@@ -2,7 +2,7 @@
 
 A local directory (written by ``save_pretrained``) is used as it is; a repo id is read from
 the local Hugging Face cache only (``local_files_only``: nothing is downloaded here). A
-missing model or file is a :class:`~saliency.errors.ConfigurationError` naming the path and
+missing model or file is a :class:`~contrastive_saliency.errors.ConfigurationError` naming the path and
 how to fetch it where there is network (``uv run hf download <repo id>``).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saliency.errors import ConfigurationError
+from contrastive_saliency.errors import ConfigurationError
 
 SCHEME = "hf:"
 

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from contrastive_saliency.checks import check_positive_int
+from contrastive_saliency.errors import ConfigurationError
 from datamodules.base import SplitLoaders
 from datamodules.confidence_filter import RAO_CONFIDENCE, confident_indices, model_device
 from datamodules.dataset_labels import dataset_labels
 from datamodules.quad_grid_dataset import QuadGridDataset
 from datamodules.split_source import split_source
-from saliency.checks import check_positive_int
-from saliency.errors import ConfigurationError
 
 STAGE_SPLITS: dict[str, tuple[str, ...]] = {
     "fit": ("train", "val"),

@@ -20,7 +20,7 @@ Sample format (DESIGN.md "Sample format"):
   to ``c × c`` and placed row-major; the base datamodule's ``mean``/``std`` still apply.
 * ``grid_labels`` ``[g²]`` long: the class of each cell, row-major (0 = top-left, 1 = top-right,
   2 = bottom-left, 3 = bottom-right), the order of
-  :func:`saliency.metrics.functional.localisation.grid_cell_masks`.
+  :func:`contrastive_saliency.metrics.functional.localisation.grid_cell_masks`.
 * ``label``: ``grid_labels[0]`` (the top-left cell), only so that code expecting one label per
   image (accuracy, ground-truth target policies) runs; grid metrics use ``grid_labels``.
 * ``index``: ``i``, the position in the grid split (exactly-once evaluation under DDP).
@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from contrastive_saliency.checks import check_positive_int
+from contrastive_saliency.metrics.functional.localisation import grid_cell_masks
 from datamodules.dataset_labels import dataset_labels
-from saliency.checks import check_positive_int
-from saliency.metrics.functional.localisation import grid_cell_masks
 
 
 def _classes_of(labels: Sequence[int], candidates: Iterable[int]) -> dict[int, list[int]]:

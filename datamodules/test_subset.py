@@ -6,7 +6,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from saliency.errors import ConfigurationError
+from contrastive_saliency.errors import ConfigurationError
 
 
 def sample_test_split(datamodule: L.LightningDataModule, size: int, seed: int = 0) -> list[int]:

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
+from contrastive_saliency.errors import ConfigurationError
 from datamodules.dataset_labels import dataset_labels
-from saliency.errors import ConfigurationError
 
 __all__ = ["per_class_sample", "train_holdout"]
 

@@ -13,7 +13,7 @@ Each argument is an ``evaluate.py`` run directory holding a complete result (its
   agreement against its threshold), and the paired test of the run against the reference run
   (default: the first) on the samples both explained — paired t-test of ``run − reference``,
   Cohen's d_z, Holm- and Benjamini–Hochberg-corrected across the runs compared
-  (:func:`saliency.stats.compare_methods` with runs in place of methods). Runs are paired
+  (:func:`contrastive_saliency.stats.compare_methods` with runs in place of methods). Runs are paired
   only when they explained the same samples: the same datamodule config (ignoring batch size
   and workers) and, where recorded, the same label at every shared sample index. Other pairs
   get no test (``paired`` false: different models on different datasets are compared by their
@@ -190,8 +190,8 @@ def _paired_tests(
     metrics: Sequence[str] | None,
 ) -> pd.DataFrame:
     """Per (method, layer, policy, metric): each paired run vs the reference run
-    (:func:`saliency.stats.compare_methods` over the run column)."""
-    from saliency.stats import compare_methods
+    (:func:`contrastive_saliency.stats.compare_methods` over the run column)."""
+    from contrastive_saliency.stats import compare_methods
 
     compared = [run for run in runs if run.label == reference or paired.get(run.label)]
     columns = [*KEYS, "run", "n_paired", "mean_difference", "t_statistic", "t_p_value",

@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats as scipy_stats
 
-from saliency.stats import wilcoxon_below
+from contrastive_saliency.stats import wilcoxon_below
 
 AGREEMENT = "feature_agreement"
 PAIR_POLICY = "top1_vs_top2"
@@ -61,7 +61,7 @@ def seed_wilcoxon_table(
 ) -> pd.DataFrame:
     """One row per (seed, method) of ``values`` (columns ``seed, method, layer, value``):
     n, mean / median / sd of the agreement, the one-sided Wilcoxon signed-rank test of
-    H1: median < ``threshold`` (:func:`saliency.stats.wilcoxon_below`, CASE Eq. 8), whether
+    H1: median < ``threshold`` (:func:`contrastive_saliency.stats.wilcoxon_below`, CASE Eq. 8), whether
     H0 is rejected (p < ``alpha``) and the method's rank within the seed by mean agreement
     (1 = lowest = most class-distinct; ties share the average rank). Methods keep their order
     of first appearance, seeds are sorted."""

@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from contrastive_saliency.errors import ConfigurationError, closest
 from lightning_modules.torch_files import load_torch_file
-from saliency.errors import ConfigurationError, closest
 
 SOURCES = (
     "small_cnn", "timm:<model name>", "torchvision:<model name>", "hf:<repo id or directory>",
@@ -33,7 +33,7 @@ def build_backbone(
     ``model_kwargs`` go to the library's constructor (timm ``create_model``, e.g.
     ``img_size``/``patch_size``/``depth`` of a ViT; torchvision ``get_model``; ``hf:`` config
     attributes). ``hf:`` models come wrapped as
-    :class:`~saliency.huggingface.HuggingFaceClassifier` (logits out, default layers).
+    :class:`~contrastive_saliency.huggingface.HuggingFaceClassifier` (logits out, default layers).
     """
     model_kwargs = dict(model_kwargs or {})
     if name == "small_cnn":
@@ -150,8 +150,8 @@ def hf_config(name: str, model_kwargs: dict[str, Any] | None = None):
 def _huggingface(
     name: str, num_classes: int, pretrained: bool, model_kwargs: dict[str, Any]
 ) -> nn.Module:
+    from contrastive_saliency.huggingface import HuggingFaceClassifier
     from datamodules.hf_hub import hf_source, missing_model
-    from saliency.huggingface import HuggingFaceClassifier
 
     auto = _transformers().AutoModelForImageClassification
     config = hf_config(name, model_kwargs)

@@ -8,10 +8,10 @@ import contextvars
 from pathlib import Path
 from typing import Any
 
+from contrastive_saliency.errors import ConfigurationError
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.linear_probe import CHECKPOINT_CLASS_KEY, LinearProbeModule
 from lightning_modules.torch_files import load_torch_file
-from saliency.errors import ConfigurationError
 
 
 def newest_checkpoint(outputs_dir: str | Path = "outputs") -> Path:

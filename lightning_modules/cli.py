@@ -18,9 +18,9 @@ from typing import Any, Literal
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from contrastive_saliency.errors import UserInputError
 from lightning_modules.group_files import route_group_files
 from lightning_modules.wandb_runs import wandb_logger, wandb_runs
-from saliency.errors import UserInputError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 RUN_NAME_VARIABLE = "CONTRASTIVE_SALIENCY_RUN_NAME"

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from contrastive_saliency.errors import ConfigurationError
 from lightning_modules.backbones import build_backbone
 from lightning_modules.checkpoints import load_classifier, newest_checkpoint
 from lightning_modules.probe_classifier import (
@@ -19,7 +20,6 @@ from lightning_modules.probe_classifier import (
     build_feature_backbone,
     load_linear_head,
 )
-from saliency.errors import ConfigurationError
 
 
 class SaliencyEvaluationModule(L.LightningModule):

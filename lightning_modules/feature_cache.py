@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from contrastive_saliency.errors import ConfigurationError
 from datamodules.cache_files import dataset_identity, write_atomically
-from saliency.errors import ConfigurationError
 
 CACHE_FORMAT = 1
 """Version of the cache files; part of the key, so files of another version are not read."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from saliency.errors import ConfigurationError
+from contrastive_saliency.errors import ConfigurationError
 
 GROUP_KEYS = frozenset({"class_path", "init_args", "dict_kwargs"})
 _EXAMPLE = "configs/data/shapes.yaml (class_path: datamodules.<Name>DataModule, init_args: ...)"

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from contrastive_saliency.errors import ConfigurationError
 from datamodules.cache_files import model_fingerprint
 from lightning_modules.classification_steps import ClassificationSteps
 from lightning_modules.feature_cache import (
@@ -26,7 +27,6 @@ from lightning_modules.feature_cache import (
 )
 from lightning_modules.feature_data import CachedFeatureData
 from lightning_modules.probe_classifier import Pooling, ProbeClassifier, build_feature_backbone
-from saliency.errors import ConfigurationError
 
 CHECKPOINT_CLASS_KEY = "classifier_class"
 """Checkpoint entry naming the module class, read by ``checkpoints.load_classifier``."""

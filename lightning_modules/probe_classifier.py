@@ -9,10 +9,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.layers import default_layer
 from lightning_modules.backbones import build_backbone, load_weights
 from lightning_modules.torch_files import load_torch_file
-from saliency.errors import ConfigurationError
-from saliency.layers import default_layer
 
 Pooling = Literal["default", "cls", "mean_patch"]
 # timm's global_pool values: the class token, or the mean of the patch tokens (prefix tokens,
@@ -53,7 +53,7 @@ class ProbeClassifier(nn.Module):
 
     @property
     def default_saliency_layer(self) -> str:
-        """The backbone's default saliency layer (:func:`saliency.layers.default_layer`)."""
+        """The backbone's default saliency layer (:func:`contrastive_saliency.layers.default_layer`)."""
         return f"backbone.{default_layer(self.backbone)}"
 
     def __getattr__(self, name: str) -> Any:
@@ -63,7 +63,7 @@ class ProbeClassifier(nn.Module):
             if name not in LAYOUT_ATTRIBUTES:
                 raise
         # The backbone's layout declarations (token prefix, patch grid, channels-last output),
-        # read by saliency.feature_layout on the explained model to arrange its layers' outputs.
+        # read by contrastive_saliency.feature_layout on the explained model to arrange its layers' outputs.
         return getattr(self.backbone, name)
 
 

@@ -21,7 +21,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from saliency.errors import ConfigurationError
+from contrastive_saliency.errors import ConfigurationError
 
 MODEL_NAME = "vit_convstem_shapes"
 

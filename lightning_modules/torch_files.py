@@ -3,7 +3,7 @@
 Files are loaded with ``weights_only=True`` (tensors and plain containers only: loading a
 pickle may run arbitrary code). Whatever is wrong with the file — missing, empty, truncated,
 not a PyTorch file, or holding pickled Python objects — becomes one
-:class:`~saliency.errors.ConfigurationError` naming the file and what was expected. The
+:class:`~contrastive_saliency.errors.ConfigurationError` naming the file and what was expected. The
 message never passes on PyTorch's suggestion to retry with ``weights_only=False``.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from saliency.errors import ConfigurationError
+from contrastive_saliency.errors import ConfigurationError
 
 
 def load_torch_file(path: str | Path, expected: str, *, mmap: bool = False) -> Any:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from saliency.metrics import ChannelActivity, MapSimilarity
-from saliency.metrics import functional as F
+from contrastive_saliency.metrics import ChannelActivity, MapSimilarity
+from contrastive_saliency.metrics import functional as F
 
 
 def test_map_similarity_matches_functionals_and_deduplicates():
@@ -60,7 +60,7 @@ def test_top_k_intersection_class_matches_functional():
     generator = torch.Generator().manual_seed(1)
     maps = torch.rand(4, 16, 16, generator=generator)
     masks = torch.rand(4, 16, 16, generator=generator) > 0.6
-    from saliency.metrics import TopKIntersection
+    from contrastive_saliency.metrics import TopKIntersection
 
     metric = TopKIntersection(k=20)
     metric.update(maps, masks, torch.tensor([3, 1, 2, 0]))
@@ -73,7 +73,7 @@ def test_top_k_intersection_class_matches_functional():
 def test_pic_class_matches_functional_and_skips_invalid_images():
     from torch import nn
 
-    from saliency.metrics import PerformanceInformationCurves
+    from contrastive_saliency.metrics import PerformanceInformationCurves
 
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -10,10 +10,10 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-import saliency.methods.attention_rollout  # noqa: F401  (registers "attention_rollout")
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.methods.attention_rollout import (
+import contrastive_saliency.methods.attention_rollout  # noqa: F401  (registers "attention_rollout")
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.methods.attention_rollout import (
     AttentionRollout,
     attention_probabilities,
     attention_rollout,

@@ -10,10 +10,10 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 
-import saliency.methods.caap  # noqa: F401  (registers "caap")
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.methods.caap import CAAP, selection_matrix
+import contrastive_saliency.methods.caap  # noqa: F401  (registers "caap")
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.methods.caap import CAAP, selection_matrix
 from tests.tiny_models import TinyCAMNet
 
 NUM_CLASSES = 5

@@ -16,11 +16,11 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
-import saliency.methods.caap  # noqa: F401  (registers "caap")
+import contrastive_saliency.methods.caap  # noqa: F401  (registers "caap")
 from callbacks.caap_sweeps import CAAPSweepCallback
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.metrics import functional as M
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.metrics import functional as M
 from tests.conftest import tiny_train_args
 from tests.tiny_models import TinyCAMNet
 

@@ -18,8 +18,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torchvision.models import densenet121, resnet18
 
-from saliency.methods import create_method
-from saliency.methods.gradient_cams import first_component_projection
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.methods.gradient_cams import first_component_projection
 
 REFERENCES = {
     "grad_cam": GradCAM,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.targets import ConfusionContrast, ExplicitReferences, LogitNeighbours
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.targets import ConfusionContrast, ExplicitReferences, LogitNeighbours
 
 NUM_CLASSES = 5
 
@@ -114,7 +114,7 @@ def test_top1_map_changes_with_the_contrast_class(net):
 
 
 def test_one_forward_and_one_gradient_request_for_targets_and_contrasts(net, monkeypatch):
-    import saliency.methods._contrastive as contrastive
+    import contrastive_saliency.methods._contrastive as contrastive
 
     requests = []
     original = contrastive.class_gradients

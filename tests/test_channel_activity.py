@@ -20,8 +20,8 @@ from callbacks.channel_activity import (
     KdeSeries,
     build_channel_activity_figure,
 )
-from saliency.channel_activity import active_channel_counts, per_class_active_channels
-from saliency.errors import ConfigurationError, UnknownLayerError
+from contrastive_saliency.channel_activity import active_channel_counts, per_class_active_channels
+from contrastive_saliency.errors import ConfigurationError, UnknownLayerError
 from tests.conftest import TINY_SIZES
 
 pytestmark = pytest.mark.usefixtures("one_thread")

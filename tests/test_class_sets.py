@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.targets import ClassSet, ConfusionContrast, ExplicitReferences, LogitNeighbours
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.targets import (
+    ClassSet,
+    ConfusionContrast,
+    ExplicitReferences,
+    LogitNeighbours,
+)
 from tests.tiny_models import TinyCAMNet
 
 LOGITS = torch.tensor([[5.0, 4.0, 1.0, 4.5, -3.0], [0.0, 2.0, 2.5, 1.0, 1.9]])

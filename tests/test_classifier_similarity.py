@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import evaluate
-from saliency.classifier_similarity import (
+from contrastive_saliency.classifier_similarity import (
     find_classifier_head,
     nearest_classes,
     similarity_curve,
 )
-from saliency.errors import ConfigurationError, UnknownLayerError
+from contrastive_saliency.errors import ConfigurationError, UnknownLayerError
 from tests.conftest import TINY_SIZES
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""ClusCAM (saliency.methods.cluscam) and its hyper-parameter selection (saliency.cluscam_selection)."""
+"""ClusCAM (contrastive_saliency.methods.cluscam) and its hyper-parameter selection (contrastive_saliency.cluscam_selection)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-import saliency.methods.cluscam  # noqa: F401  (registers "cluscam")
-from saliency.cluscam_selection import (
+import contrastive_saliency.methods.cluscam  # noqa: F401  (registers "cluscam")
+from contrastive_saliency.cluscam_selection import (
     TwoGaussianMixture,
     curvature_elbow,
     fit_two_gaussians,
@@ -20,15 +20,15 @@ from saliency.cluscam_selection import (
     select_hyperparameters,
     temperature_from,
 )
-from saliency.errors import ConfigurationError
-from saliency.kmeans import kmeans
-from saliency.methods.cluscam import (
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.kmeans import kmeans
+from contrastive_saliency.methods.cluscam import (
     CLUSCAM_PRESETS,
     ClusCAM,
     combine,
     normalise_by_upsampled_range,
 )
-from saliency.methods.registry import create_method
+from contrastive_saliency.methods.registry import create_method
 from tests.tiny_models import TinyCAMNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from callbacks.cluscam_selection import ClusCAMSelectionCallback
-from saliency.cluscam_selection import select_hyperparameters, selection_from_scores
-from saliency.errors import ConfigurationError
+from contrastive_saliency.cluscam_selection import select_hyperparameters, selection_from_scores
+from contrastive_saliency.errors import ConfigurationError
 from tests.tiny_models import TinyCAMNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")

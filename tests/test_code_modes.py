@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import torchvision
 from captum.attr import LayerGradCam
 
-from saliency.methods import create_method
-from saliency.targets import ClassSet, LogitNeighbours
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.targets import ClassSet, LogitNeighbours
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

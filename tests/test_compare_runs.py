@@ -1,5 +1,5 @@
 """experiments.compare_runs on fabricated evaluation runs with known per-sample values: the
-table against saliency.stats and scipy, which runs are paired, the outputs and W&B."""
+table against contrastive_saliency.stats and scipy, which runs are paired, the outputs and W&B."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import yaml
 from matplotlib.image import imread
 from scipy import stats as scipy_stats
 
+from contrastive_saliency.stats import holm, mean_confidence_interval
 from datamodules.cache_files import write_atomically
 from experiments import compare_runs
-from saliency.stats import holm, mean_confidence_interval
 
 SHAPES = {"class_path": "datamodules.ShapesDataModule", "init_args": {"test_size": 30}}
 CUB = {"class_path": "datamodules.CUBDataModule", "init_args": {"root": "/data/cub"}}

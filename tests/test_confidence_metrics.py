@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from saliency.metrics.functional.confidence import (
+from contrastive_saliency.metrics.functional.confidence import (
     average_drop,
     average_gain,
     confidence_drop,

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
+from contrastive_saliency.metrics import unique_by_index
 from datamodules import ImageFolderDataModule, QuadGridDataModule, ShapesDataModule
 from datamodules.base import collate_samples
-from saliency.metrics import unique_by_index
 
 
 def _ranks_see(dataset, world_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,8 +11,8 @@ from captum.attr import DeepLift as CaptumDeepLift
 from torch import nn
 from torchvision.models import resnet18
 
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
 from tests.tiny_models import CountingCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-import saliency.methods  # noqa: F401  (registers the methods)
+import contrastive_saliency.methods  # noqa: F401  (registers the methods)
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.layers import default_layer
+from contrastive_saliency.methods.registry import create_method
 from lightning_modules.evaluation import SaliencyEvaluationModule
 from lightning_modules.probe_classifier import load_linear_head
-from saliency.errors import ConfigurationError
-from saliency.layers import default_layer
-from saliency.methods.registry import create_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,9 +19,9 @@ import evaluate
 import train
 from callbacks.run_outputs import is_complete
 from callbacks.saliency_evaluation import CONTRASTS_FROM_MATRIX, SaliencyEvaluationCallback
+from contrastive_saliency.targets import ConfusionContrast
 from datamodules import ShapesDataModule
 from lightning_modules.cli import run_cli
-from saliency.targets import ConfusionContrast
 from tests.conftest import TINY_DATA, TINY_SIZES, tiny_train_args
 from tests.test_datamodules_folder_cifar import make_cifar
 
@@ -354,7 +354,7 @@ def test_callback_watches_explanations_during_training(tmp_path):
 
 def test_metric_options_are_checked_by_name_and_value():
     from callbacks.evaluation_spec import parse_metrics
-    from saliency.errors import ConfigurationError
+    from contrastive_saliency.errors import ConfigurationError
 
     (spec,) = parse_metrics([{"name": "relative_drop", "kwargs": {"reference": "runner_up"}}])
     assert spec.kwargs["reference"] == "runner_up"

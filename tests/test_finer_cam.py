@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.targets import LogitNeighbours, TopPredictions
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.targets import LogitNeighbours, TopPredictions
 from tests.tiny_models import TinyCAMNet
 
 

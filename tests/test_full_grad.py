@@ -10,8 +10,8 @@ from pytorch_grad_cam import FullGrad as LibraryFullGrad
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from benchmarks._host_syncs import HostRoundTrips
-from saliency.methods import create_method, list_methods
-from saliency.metrics import functional as M
-from saliency.targets import ConfusionContrast, LogitNeighbours
+from contrastive_saliency.methods import create_method, list_methods
+from contrastive_saliency.metrics import functional as M
+from contrastive_saliency.targets import ConfusionContrast, LogitNeighbours
 
 NUM_CLASSES = 6
 CPU, CUDA = pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)
@@ -258,7 +258,7 @@ def metric_batch(device: str, dtype: torch.dtype) -> dict:
 def evaluation_metric_outputs(name: str, device: str, dtype: torch.dtype) -> dict:
     """Values and curves of the registered metric ``name``, fed as evaluate.py feeds it
     (``update(**update_arguments(inputs))``), its state kept in ``dtype``."""
-    from saliency.metrics.registry import MetricInputs, create_metric
+    from contrastive_saliency.metrics.registry import MetricInputs, create_metric
 
     inputs = metric_batch(device, dtype)
     metric = create_metric(name, batch_size=7).to(device)
@@ -306,7 +306,7 @@ def analysis_metric_outputs(family: str, device: str, dtype: torch.dtype) -> dic
 
 
 def _evaluation_metric_names() -> list[str]:
-    from saliency.metrics.registry import list_metrics
+    from contrastive_saliency.metrics.registry import list_metrics
 
     return list_metrics()
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from saliency.errors import ConfigurationError, UnknownLayerError, UnknownMethodError
-from saliency.gradients import class_gradients
-from saliency.layers import resolve_layer
-from saliency.methods import create_method, list_methods
+from contrastive_saliency.errors import ConfigurationError, UnknownLayerError, UnknownMethodError
+from contrastive_saliency.gradients import class_gradients
+from contrastive_saliency.layers import resolve_layer
+from contrastive_saliency.methods import create_method, list_methods
 from tests.tiny_models import TinyCAMNet
 
 

@@ -13,10 +13,10 @@ from captum.attr import Saliency as CaptumSaliency
 from torch import nn
 from torchvision.models import resnet18
 
-from saliency.errors import ConfigurationError
-from saliency.input_gradients import input_class_gradients
-from saliency.methods import create_method
-from saliency.methods.gradient_attributions import quadrature, reduce_channels
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.input_gradients import input_class_gradients
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.methods.gradient_attributions import quadrature, reduce_channels
 
 METHODS = [
     "saliency",

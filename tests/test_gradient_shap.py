@@ -9,9 +9,9 @@ import torch
 from captum.attr import GradientShap as CaptumGradientShap
 from torch import nn
 
-from saliency.errors import ConfigurationError
-from saliency.index_random import index_normal
-from saliency.methods import create_method
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.index_random import index_normal
+from contrastive_saliency.methods import create_method
 from tests.tiny_models import CountingCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")

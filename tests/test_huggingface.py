@@ -39,14 +39,14 @@ from transformers import (
 )
 
 import evaluate
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.feature_layout import detect_layout
+from contrastive_saliency.huggingface import HuggingFaceClassifier
+from contrastive_saliency.layers import capture_layer, default_layer
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.targets import ConfusionContrast
 from datamodules.transforms import config_from_model
 from lightning_modules.backbones import build_backbone
-from saliency.errors import ConfigurationError
-from saliency.feature_layout import detect_layout
-from saliency.huggingface import HuggingFaceClassifier
-from saliency.layers import capture_layer, default_layer
-from saliency.methods import create_method
-from saliency.targets import ConfusionContrast
 from tests.fabricated_data import make_image_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")

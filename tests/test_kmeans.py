@@ -1,12 +1,12 @@
-"""Batched k-means++ (saliency.kmeans): determinism, batching, recovery, scikit-learn parity."""
+"""Batched k-means++ (contrastive_saliency.kmeans): determinism, batching, recovery, scikit-learn parity."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from saliency.errors import ConfigurationError
-from saliency.kmeans import inertia, kmeans, kmeans_plus_plus, nearest_centres
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.kmeans import inertia, kmeans, kmeans_plus_plus, nearest_centres
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

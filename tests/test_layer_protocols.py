@@ -14,9 +14,9 @@ import yaml
 from torch import nn
 
 from callbacks.saliency_evaluation import SaliencyEvaluationCallback
+from contrastive_saliency.errors import ConfigurationError, UnknownLayerError
+from contrastive_saliency.layers import case_layer, default_layer, layer_path
 from lightning_modules.small_cnn import SmallCNN
-from saliency.errors import ConfigurationError, UnknownLayerError
-from saliency.layers import case_layer, default_layer, layer_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,16 +17,16 @@ import torch
 import yaml
 from PIL import Image
 
-import saliency.methods.gradient_cams  # noqa: F401  (registers grad_cam)
+import contrastive_saliency.methods.gradient_cams  # noqa: F401  (registers grad_cam)
 import train
 from callbacks.confusion_matrix import confusion_matrix
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods.registry import create_method
 from datamodules import ImageFolderDataModule, ShapesDataModule
 from lightning_modules.checkpoints import load_classifier
 from lightning_modules.feature_cache import FeatureDataset, cache_path, image_batch
 from lightning_modules.linear_probe import LinearProbeModule
 from lightning_modules.probe_classifier import ProbeClassifier, build_feature_backbone
-from saliency.errors import ConfigurationError
-from saliency.methods.registry import create_method
 from tests.conftest import tiny_train_args
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import average_precision_score
 from torchvision.transforms.functional import gaussian_blur
 
-from saliency.metrics.functional.localisation import (
+from contrastive_saliency.metrics.functional.localisation import (
     aupr,
     average_precision,
     boxes_to_masks,

@@ -12,11 +12,11 @@ from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 
-import saliency.methods.lrp  # noqa: F401  (registers "lrp")
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.methods.var import var_refine
-from saliency.targets import ClassSet
+import contrastive_saliency.methods.lrp  # noqa: F401  (registers "lrp")
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.methods.var import var_refine
+from contrastive_saliency.targets import ClassSet
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 

@@ -9,7 +9,7 @@ from scipy.stats import rankdata, spearmanr
 from skimage.feature import hog
 from skimage.metrics import structural_similarity
 
-from saliency.metrics.functional.map_similarity import (
+from contrastive_saliency.metrics.functional.map_similarity import (
     average_ranks,
     hog_features,
     hog_similarity,

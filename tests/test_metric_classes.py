@@ -1,4 +1,4 @@
-"""The torchmetrics classes in saliency.metrics against their functionals: same per-sample
+"""The torchmetrics classes in contrastive_saliency.metrics against their functionals: same per-sample
 values, padded duplicates counted once, summaries equal NumPy's, the model never kept."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from saliency.errors import ConfigurationError
-from saliency.metrics import (
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.metrics import (
     AUPR,
     AverageDrop,
     AverageGain,
@@ -35,9 +35,9 @@ from saliency.metrics import (
     SampleMetric,
     TopKIntersection,
 )
-from saliency.metrics import functional as F
-from saliency.stats import wilcoxon_below
-from saliency.targets import LogitNeighbours
+from contrastive_saliency.metrics import functional as F
+from contrastive_saliency.stats import wilcoxon_below
+from contrastive_saliency.targets import LogitNeighbours
 
 N, SIZE, CLASSES = 6, 12, 5
 # Distinct, unsorted sample indices: per_sample() returns them sorted.

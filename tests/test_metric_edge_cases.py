@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from saliency.metrics import functional as M
+from contrastive_saliency.metrics import functional as M
 
 B, H, W, N = 3, 16, 16, 4
 

@@ -13,9 +13,9 @@ from torch import nn
 from torchmetrics import Metric
 
 from callbacks.evaluation_spec import parse_metrics
-from saliency.errors import ConfigurationError
-from saliency.metrics import functional as M
-from saliency.metrics.registry import (
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.metrics import functional as M
+from contrastive_saliency.metrics.registry import (
     MetricInputs,
     RegisteredMetric,
     create_metric,
@@ -104,7 +104,7 @@ def test_confidence_drop_is_higher_is_better_as_case_eq_9():
 NOT_METADATA = {
     ("callbacks/caap_sweeps.py", "DEFAULT_METRICS"),
     ("benchmarks/metrics_throughput.py", "calls"),
-    ("saliency/metrics/functional/__init__.py", "__all__"),
+    ("contrastive_saliency/metrics/functional/__init__.py", "__all__"),
 }
 
 
@@ -165,7 +165,7 @@ def test_register_metric_refuses_incomplete_metadata():
 
 
 def test_curves_are_declared_by_their_metric_classes():
-    from saliency.metrics import DeletionAUC, InsertionAUC, PerformanceInformationCurves
+    from contrastive_saliency.metrics import DeletionAUC, InsertionAUC, PerformanceInformationCurves
 
     for kind, cls in (
         ("deletion", DeletionAUC),

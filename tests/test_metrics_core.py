@@ -8,9 +8,14 @@ import torch
 from scipy import stats
 from torch import nn
 
-from saliency.metrics.functional import curve_auc, deletion_auc, deletion_curve, feature_agreement
-from saliency.metrics.per_sample import PerSampleValues
-from saliency.stats import wilcoxon_below
+from contrastive_saliency.metrics.functional import (
+    curve_auc,
+    deletion_auc,
+    deletion_curve,
+    feature_agreement,
+)
+from contrastive_saliency.metrics.per_sample import PerSampleValues
+from contrastive_saliency.stats import wilcoxon_below
 
 
 def test_feature_agreement_closed_form():

@@ -3,7 +3,7 @@
 A ``DistributedSampler`` over an odd number of samples pads one rank with a duplicate; the
 metrics gather their per-sample states (``dist_reduce_fx="cat"``) and de-duplicate by index,
 so every rank's ``compute()`` and ``per_sample_table()`` equal one process's over the unique
-samples. The children import torch, torchmetrics and saliency.metrics only (no Lightning).
+samples. The children import torch, torchmetrics and contrastive_saliency.metrics only (no Lightning).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from saliency.metrics import (
+from contrastive_saliency.metrics import (
     AverageDrop,
     AverageGain,
     ConfidenceDrop,
@@ -31,7 +31,7 @@ from saliency.metrics import (
     SampleMetric,
     TopKIntersection,
 )
-from saliency.metrics.functional import confidence_drop
+from contrastive_saliency.metrics.functional import confidence_drop
 
 WORLD_SIZE = 2
 NUM_SAMPLES = 7  # odd: the sampler pads rank 1 with sample 0 again

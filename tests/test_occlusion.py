@@ -8,8 +8,8 @@ import torch
 from captum.attr import Occlusion as CaptumOcclusion
 from torch import nn
 
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
 from tests.tiny_models import CountingCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")

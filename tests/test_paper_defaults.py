@@ -17,10 +17,10 @@ from callbacks.caap_sweeps import CAAPSweepCallback
 from callbacks.evaluation_spec import resolve_selectors
 from callbacks.explained_model import data_normalisation
 from callbacks.saliency_evaluation import SaliencyEvaluationCallback
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.targets import ConfusionContrast, LogitNeighbours
 from datamodules import ShapesDataModule
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.targets import ConfusionContrast, LogitNeighbours
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

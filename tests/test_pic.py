@@ -16,7 +16,7 @@ from scipy.interpolate import griddata, interp1d
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from saliency.metrics.functional.pic import (
+from contrastive_saliency.metrics.functional.pic import (
     DEFAULT_THRESHOLDS,
     aggregate_pic,
     from_uint8_pixels,

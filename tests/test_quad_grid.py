@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.metrics.functional.localisation import grid_cell_masks, grid_pointing_game
 from datamodules import QuadGridDataModule, QuadGridDataset, ShapesDataModule
 from datamodules.confidence_filter import confident_indices
 from datamodules.dataset_labels import dataset_labels
-from saliency.errors import ConfigurationError
-from saliency.metrics.functional.localisation import grid_cell_masks, grid_pointing_game
 
 NUM_CLASSES = 6  # 3 shapes × 2 marks; label of base index i is i % 6
 

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from saliency.metrics.functional import energy_pointing_game, pointing_game, top_k_intersection
+from contrastive_saliency.metrics.functional import (
+    energy_pointing_game,
+    pointing_game,
+    top_k_intersection,
+)
 
 quantus = pytest.importorskip("quantus")
 

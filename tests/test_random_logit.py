@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from saliency.metrics.functional import random_logit
+from contrastive_saliency.metrics.functional import random_logit
 
 quantus = pytest.importorskip("quantus")
 

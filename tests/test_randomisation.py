@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from saliency.metrics.functional.randomisation import (
+from contrastive_saliency.metrics.functional.randomisation import (
     cascading_randomisation,
     default_randomisation_order,
     grouped_randomisation_order,

@@ -9,9 +9,9 @@ import torch
 from scipy import stats as scipy_stats
 from skimage.filters import sobel
 
-from saliency.errors import ConfigurationError
-from saliency.index_random import index_uniform, random_other_classes
-from saliency.methods import create_method
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.index_random import index_uniform, random_other_classes
+from contrastive_saliency.methods import create_method
 from tests.tiny_models import TinyCAMNet
 
 B, H, W = 3, 20, 24

@@ -35,7 +35,7 @@ from callbacks.report import (
     slug,
     write_report,
 )
-from saliency.stats import mean_confidence_interval, wilcoxon_below
+from contrastive_saliency.stats import mean_confidence_interval, wilcoxon_below
 
 METHODS = ("grad_cam", "case")
 LAYERS = ("layer4", "features.7.2")

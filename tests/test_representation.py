@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from saliency.metrics.functional.representation import (
+from contrastive_saliency.metrics.functional.representation import (
     ClassChannelActivity,
     active_channel_mask,
     channel_activity,

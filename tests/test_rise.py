@@ -10,10 +10,10 @@ import torch
 from skimage.transform import resize
 from torch import nn
 
-import saliency.methods.rise  # noqa: F401  (registers "rise")
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.methods.rise import generate_masks
+import contrastive_saliency.methods.rise  # noqa: F401  (registers "rise")
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.methods.rise import generate_masks
 from tests.tiny_models import TinyCAMNet
 
 FAST = {"n_masks": 300, "grid_size": 4, "batch_size": 64}

@@ -31,10 +31,10 @@ from matplotlib.lines import Line2D
 
 from callbacks.report.plots import build_sanity_figure, sanity_curves
 from callbacks.sanity_checks import MEASURES, TARGETS, randomisation_curves
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.metrics.functional import grouped_randomisation_order
 from datamodules.shapes_dataset import ShapesConfig, ShapesDataset
 from lightning_modules.small_cnn import SmallCNN
-from saliency.methods import create_method
-from saliency.metrics.functional import grouped_randomisation_order
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CONFIG = ShapesConfig(image_size=32, num_shapes=5, num_marks=1, seed=0)

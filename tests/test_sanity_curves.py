@@ -16,9 +16,9 @@ from callbacks.sanity_checks import (
     map_similarity,
     randomisation_curves,
 )
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.metrics.functional import cascading_randomisation
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.metrics.functional import cascading_randomisation
 from tests.tiny_models import TinyCAMNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")

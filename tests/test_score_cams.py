@@ -14,11 +14,11 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models import resnet18
 
-import saliency.methods.score_cams  # noqa: F401  (registers the methods)
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.methods.score_cams import normalised_masks, select_channels
-from saliency.targets import ExplicitReferences
+import contrastive_saliency.methods.score_cams  # noqa: F401  (registers the methods)
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.methods.score_cams import normalised_masks, select_channels
+from contrastive_saliency.targets import ExplicitReferences
 
 METHODS = ["score_cam", "ablation_cam", "finer_score_cam"]
 

@@ -22,6 +22,7 @@ import yaml
 from matplotlib.image import imread
 
 from callbacks.run_outputs import is_complete
+from contrastive_saliency.stats import wilcoxon_below
 from datamodules.cache_files import write_atomically
 from experiments import _jobs, aggregate_seeds, seed_sweep
 from experiments.seed_tables import (
@@ -32,7 +33,6 @@ from experiments.seed_tables import (
     seed_summary_table,
     seed_wilcoxon_table,
 )
-from saliency.stats import wilcoxon_below
 from tests.conftest import TINY_DATA
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from saliency.stats import (
+from contrastive_saliency.stats import (
     benjamini_hochberg,
     bootstrap_ci,
     cohens_d_paired,

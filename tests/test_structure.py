@@ -1,8 +1,8 @@
 """The layers of the house: every import of every product module, read with ``ast`` (also the
 imports inside functions and under ``TYPE_CHECKING``), goes down the layers
 
-    saliency → datamodules → lightning_modules → callbacks
-             → experiments, benchmarks, entry points
+    contrastive_saliency → datamodules → lightning_modules → callbacks
+                         → experiments, benchmarks, entry points
 
 (a module may import its own layer and the layers to its left), and no product modules import
 each other in a cycle. Failures name the offending import with its file and line."""
@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 LAYERS = {
-    "saliency": 0,
+    "contrastive_saliency": 0,
     "datamodules": 1,
     "lightning_modules": 2,
     "callbacks": 3,
@@ -156,11 +156,11 @@ def test_the_checks_name_a_cycle_and_an_upward_import(tmp_path):
     and one upward import (as main had: datamodules.quad_grid → lightning_modules.evaluation →
     … → datamodules.quad_grid)."""
     files = {
-        "saliency/__init__.py": "",
-        "saliency/core.py": "import torch\n",
+        "contrastive_saliency/__init__.py": "",
+        "contrastive_saliency/core.py": "import torch\n",
         "datamodules/__init__.py": "from datamodules.grid import Grid\n",
         "datamodules/grid.py": (
-            "from saliency import core\n\n"
+            "from contrastive_saliency import core\n\n"
             "def load():\n    from lightning_modules.loading import load_model\n"
         ),
         "lightning_modules/__init__.py": "",

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from saliency.errors import ConfigurationError
-from saliency.targets import PADDING, ConfusionContrast, LogitNeighbours, TopPredictions
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.targets import PADDING, ConfusionContrast, LogitNeighbours, TopPredictions
 
 COUNTS = np.array(
     [

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saliency.metrics.functional import feature_agreement, mask_top_pixels
-from saliency.metrics.functional.perturbation_curves import saliency_ranks
-from saliency.metrics.functional.ties import (
+from contrastive_saliency.metrics.functional import feature_agreement, mask_top_pixels
+from contrastive_saliency.metrics.functional.perturbation_curves import saliency_ranks
+from contrastive_saliency.metrics.functional.ties import (
     pixel_ranks,
     rank_descending,
     tie_break_keys,

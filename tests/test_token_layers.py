@@ -19,13 +19,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-from saliency.errors import ConfigurationError
-from saliency.feature_layout import detect_layout
-from saliency.gradients import class_gradients
-from saliency.layers import default_layer
-from saliency.methods import create_method
-from saliency.methods.gradient_cams import first_component_projection
-from saliency.targets import ConfusionContrast
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.feature_layout import detect_layout
+from contrastive_saliency.gradients import class_gradients
+from contrastive_saliency.layers import default_layer
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.methods.gradient_cams import first_component_projection
+from contrastive_saliency.targets import ConfusionContrast
 
 NUM_CLASSES = 5
 REFERENCES = {"grad_cam": GradCAM, "grad_cam_pp": GradCAMPlusPlus, "layer_cam": LayerCAM}

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from saliency.errors import ConfigurationError, UnknownMethodError
-from saliency.methods import SaliencyMethod, create_method, list_methods
-from saliency.methods.registry import method_factory
-from saliency.methods.var import VAR, class_distribution, var_refine
-from saliency.targets import ClassSet, TopPredictions
+from contrastive_saliency.errors import ConfigurationError, UnknownMethodError
+from contrastive_saliency.methods import SaliencyMethod, create_method, list_methods
+from contrastive_saliency.methods.registry import method_factory
+from contrastive_saliency.methods.var import VAR, class_distribution, var_refine
+from contrastive_saliency.targets import ClassSet, TopPredictions
 from tests.tiny_models import TinyCAMNet
 
 NUM_CLASSES = 6

@@ -19,10 +19,10 @@ import pytest
 import timm
 import torch
 
-from saliency.errors import ConfigurationError
-from saliency.methods import create_method
-from saliency.transformer_lrp import relevance_propagation
-from saliency.vit_attention import differentiable_eval, trace_vit
+from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.methods import create_method
+from contrastive_saliency.transformer_lrp import relevance_propagation
+from contrastive_saliency.vit_attention import differentiable_eval, trace_vit
 from tests import vit_attention_references as reference
 from tests.tiny_models import TinyCAMNet
 
@@ -238,7 +238,7 @@ def test_var_refuses_a_class_agnostic_base_on_the_vit(vit, base, layer) -> None:
 
 def test_the_hugging_face_vit_through_its_timm_view(images) -> None:
     transformers = pytest.importorskip("transformers")
-    from saliency.huggingface import HuggingFaceClassifier
+    from contrastive_saliency.huggingface import HuggingFaceClassifier
 
     torch.manual_seed(0)
     config = transformers.ViTConfig(

@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from saliency.metrics.registry import curve_info
+from contrastive_saliency.metrics.registry import curve_info
 
 DPI = 100
 AGREEMENT_METRIC = "feature_agreement"
