@@ -314,10 +314,16 @@ class SaliencyEvaluationCallback(L.Callback):
         self, combination: _Combination, images: torch.Tensor, classes: torch.Tensor,
         columns: list[str], batch: dict[str, Any],
     ) -> torch.Tensor:  # fmt: skip
-        """All columns' maps ``[B, U, H, W]`` in one call; VAR's grid cells compete within
-        their grid (its class set = the grid's classes), so they get their own call."""
+        """All columns' maps ``[B, U, H, W]`` in one call; for a method that takes a class set
+        per call (``per_call_class_set``: VAR), a grid's cells compete within their grid (the
+        class set = the grid's classes), so they get their own call."""
+        from contrastive_saliency.methods import method_factory
+
         grid = [i for i, c in enumerate(columns) if c.startswith("cell")]
-        if combination.spec.name != "var" or not grid:
+        per_call_class_set = getattr(
+            method_factory(combination.spec.name), "per_call_class_set", False
+        )
+        if not per_call_class_set or not grid:
             return combination.maps(images, classes, batch)
         rest = [i for i in range(len(columns)) if i not in grid]
         grid_maps = combination.maps(
@@ -573,13 +579,22 @@ class SaliencyEvaluationCallback(L.Callback):
             raise ConfigurationError(f"evaluation.sanity_check.order: {error}") from error
 
     def _sanity_bases(self) -> dict[str, str]:
-        """Label of each method → label of the line it shares a colour with: a VAR method's
-        plain base method in this run (same name and ``base_kwargs``), else itself."""
+        """Label of each method → label of the line it shares a colour with: a wrapper's
+        (``base_option``: VAR's ``base``) plain base method in this run (same name and
+        ``base_kwargs``), else itself."""
+        import inspect
+
+        from contrastive_saliency.methods import method_factory
+
         bases = {}
         for spec in self.method_specs:
             bases[spec.label] = spec.label
-            base = spec.kwargs.get("base", "grad_cam")
-            if spec.name != "var" or not isinstance(base, str):
+            factory = method_factory(spec.name)
+            option = getattr(factory, "base_option", None)
+            if option is None:
+                continue
+            base = spec.kwargs.get(option, inspect.signature(factory).parameters[option].default)
+            if not isinstance(base, str):
                 continue
             wrapped = dict(spec.kwargs.get("base_kwargs") or {})
             plain = [s for s in self.method_specs if s.name == base]
@@ -625,12 +640,17 @@ class SaliencyEvaluationCallback(L.Callback):
             order=self._sanity_order(network), max_steps=self.sanity_check["max_steps"],
             seed=self.sanity_check["seed"],
         )  # fmt: skip
-        names = {spec.label: spec.name for spec in self.method_specs}
+        from contrastive_saliency.methods import method_factory
+
+        wrappers = {
+            spec.label: getattr(method_factory(spec.name), "base_option", None) is not None
+            for spec in self.method_specs
+        }
         source = getattr(pl_module, "source_name", None)
         architecture = type(network).__name__
         return curves.assign(
             base_method=curves["method"].map(self._sanity_bases()),
-            var=curves["method"].map(names).eq("var"),
+            wrapper=curves["method"].map(wrappers),
             model=f"{source} ({architecture})" if source else architecture,
         )
 

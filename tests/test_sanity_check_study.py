@@ -81,7 +81,7 @@ def study_curves(model: SmallCNN, images: torch.Tensor, target: str) -> pd.DataF
     bases = {"var_grad_cam": "grad_cam", "var_guided_backprop": "guided_backprop"}
     return frame.assign(
         base_method=frame["method"].map(lambda m: bases.get(m, m)),
-        var=frame["method"].str.startswith("var_"),
+        wrapper=frame["method"].str.startswith("var_"),
         model="SmallCNN (trained in the test)",
     )
 
@@ -182,10 +182,10 @@ def test_curves_are_plotted(study, tmp_path):
         if isinstance(line, Line2D) and not line.get_label().startswith("_")  # not the 0 line
     }
     assert set(lines) == {
-        "grad_cam", "guided_backprop", "var_grad_cam (VAR)", "var_guided_backprop (VAR)",
+        "grad_cam", "guided_backprop", "var_grad_cam (wraps grad_cam)", "var_guided_backprop (wraps guided_backprop)",
     }  # fmt: skip
     for base in ("grad_cam", "guided_backprop"):
-        plain, var = lines[base], lines[f"var_{base} (VAR)"]
+        plain, var = lines[base], lines[f"var_{base} (wraps {base})"]
         assert plain.get_color() == var.get_color()
         assert plain.get_linestyle() == "-" and var.get_linestyle() == "--"
         assert len(plain.get_xdata()) == 7

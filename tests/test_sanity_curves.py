@@ -178,13 +178,13 @@ def test_plot_pairs_colours_from_the_frame(tmp_path):
 
     rows = [
         dict(method=m, layer="input", step=s, step_index=i, similarity=v, measure="ssim",
-             base_method=b, var=m.startswith("var"))
+             base_method=b, wrapper=m.startswith("var"))
         for m, b in (("gbp", "gbp"), ("var_gbp", "gbp"), ("ig", "ig"))
         for i, (s, v) in enumerate((("original", 1.0), ("fc", 0.5)))
     ]  # fmt: skip
     (ax,) = build_sanity_figure(pd.DataFrame(rows), measure="ssim").axes
     lines = {line.get_label(): line for line in ax.get_lines()}
-    assert lines["gbp"].get_color() == lines["var_gbp (VAR)"].get_color()
+    assert lines["gbp"].get_color() == lines["var_gbp (wraps gbp)"].get_color()
     assert lines["gbp"].get_color() != lines["ig"].get_color()
-    assert lines["var_gbp (VAR)"].get_linestyle() == "--"
-    assert ax.get_legend().get_title().get_text() == "solid: method, dashed: with VAR"
+    assert lines["var_gbp (wraps gbp)"].get_linestyle() == "--"
+    assert ax.get_legend().get_title().get_text() == "solid: method, dashed: wrapped (e.g. VAR)"

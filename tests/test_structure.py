@@ -179,3 +179,27 @@ def test_the_checks_name_a_cycle_and_an_upward_import(tmp_path):
     assert cycle.count(" imports ") == 3
     for module in ("datamodules.grid", "lightning_modules.loading", "lightning_modules.probe"):
         assert module in cycle
+
+
+def test_the_evaluation_names_no_method():
+    """What the evaluation must know of a method is declared on the method class
+    (``batch_fields``, ``class_agnostic``, ``base_option``, ``per_call_class_set``); no callback
+    compares a method's name with a literal (``spec.name != "var"``, ``.eq("var")``)."""
+    from contrastive_saliency.methods import list_methods
+
+    names = set(list_methods())
+    found = []
+    for path in sorted((REPO / "callbacks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in {"eq", "ne"}:
+                operands = list(node.args)
+            else:
+                continue
+            found += [
+                f"{path.relative_to(REPO)}:{node.lineno}: {operand.value!r}"
+                for operand in operands
+                if isinstance(operand, ast.Constant) and operand.value in names
+            ]
+    assert not found, "callbacks name methods:\n" + "\n".join(found)

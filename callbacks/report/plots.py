@@ -366,14 +366,19 @@ _SANITY_TARGET_TEXT = {
 
 
 def _sanity_line_keys(selected: pd.DataFrame) -> list[tuple[str, str, str, bool]]:
-    """``(method, layer, colour key, with VAR)`` per line, in order of appearance. The colour
-    key is the base method's (``base_method`` column; default the method itself) at its layer,
-    so a method and its VAR variant share a colour; ``var`` (default False) marks VAR lines."""
+    """``(method, layer, colour key, is a wrapper)`` per line, in order of appearance. The
+    colour key is the base method's (``base_method`` column; default the method itself) at its
+    layer, so a method and its wrapper (e.g. VAR over it) share a colour; ``wrapper`` (default
+    False) marks the wrappers' lines."""
     method = selected["method"].astype(str)
     base = selected["base_method"] if "base_method" in selected.columns else method
     base = base.fillna("").astype(str).where(lambda b: b != "", method)
-    var = selected["var"].astype(bool) if "var" in selected.columns else method.map(lambda _: False)
-    rows = zip(method, selected["layer"].astype(str), base, var, strict=True)
+    wrapper = (
+        selected["wrapper"].astype(bool)
+        if "wrapper" in selected.columns
+        else method.map(lambda _: False)
+    )
+    rows = zip(method, selected["layer"].astype(str), base, wrapper, strict=True)
     return [(m, layer, f"{b}@{layer}", bool(v)) for m, layer, b, v in _ordered(rows)]
 
 
@@ -390,8 +395,8 @@ def build_sanity_figure(sanity: pd.DataFrame, *, measure: str, layer: str | None
 
     x: the randomisation steps labelled by the layer (or block) randomised last, from the
     logits towards the input (top axis: % of the steps done, VAR's x axis); y: the ``measure``.
-    A method and its VAR variant (``base_method`` / ``var`` columns, written by the evaluation
-    callback) share a colour, the VAR line dashed. With ``sd`` and ``n`` columns a band of
+    A method and its wrapper, e.g. VAR over it (``base_method`` / ``wrapper`` columns, written
+    by the evaluation callback), share a colour, the wrapper's line dashed. With ``sd`` and ``n`` columns a band of
     ±1 standard error is drawn. ``layer`` restricts to one layer (default: all). The title
     names the ``model`` and ``target`` recorded in the frame.
     """
@@ -415,15 +420,15 @@ def build_sanity_figure(sanity: pd.DataFrame, *, measure: str, layer: str | None
     )
     figure = Figure(figsize=(max(8.5, 0.45 * len(steps) + 4.0), 6.0), layout="constrained")
     ax = figure.subplots()
-    for method, line_layer, key, is_var in lines:
+    for method, line_layer, key, is_wrapper in lines:
         points = selected[(selected["method"] == method) & (selected["layer"] == line_layer)]
         points = points.sort_values("step_index", kind="stable")
         x = points["step_index"].to_numpy(np.float64)
         y = points["similarity"].to_numpy(np.float64)
         label = f"{method} @ {line_layer}" if several_layers else method
         ax.plot(
-            x, y, color=colours[key], linestyle="--" if is_var else "-", marker="o",
-            markersize=4, label=label + (" (VAR)" if is_var else ""),
+            x, y, color=colours[key], linestyle="--" if is_wrapper else "-", marker="o",
+            markersize=4, label=label + (f" (wraps {key.rsplit('@', 1)[0]})" if is_wrapper else ""),
         )  # fmt: skip
         if {"sd", "n"} <= set(points.columns):
             error = points["sd"].to_numpy(np.float64) / np.sqrt(
@@ -467,7 +472,7 @@ def build_sanity_figure(sanity: pd.DataFrame, *, measure: str, layer: str | None
     ax.legend(
         loc="best",
         fontsize="small",
-        title="solid: method, dashed: with VAR" if any(v for *_, v in lines) else None,
+        title="solid: method, dashed: wrapped (e.g. VAR)" if any(v for *_, v in lines) else None,
         title_fontsize="small",
     )
     return figure

@@ -31,10 +31,18 @@ class SaliencyMethod(ABC):
     ``class_agnostic`` is True for a method whose map does not depend on the requested class
     (every class of an image gets the same map: attention rollout, Eigen-CAM, the reference
     maps). Methods that compare the maps of several classes read it (VAR refuses such a base).
+
+    ``base_option`` names the option that holds the method a plug-in method wraps (VAR's
+    ``base``), None for a method that wraps none; reports draw a wrapper beside its base.
+    ``per_call_class_set`` is True for a method whose call also takes ``class_set`` ``[B, M]``,
+    the classes the requested ones compete with (VAR Sec. 3.2's ``C′``): the evaluation passes
+    a grid image's cell classes for the cells of a grid.
     """
 
     batch_fields: tuple[str, ...] = ()
     class_agnostic: ClassVar[bool] = False
+    base_option: ClassVar[str | None] = None
+    per_call_class_set: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -91,6 +91,9 @@ class VAR(SaliencyMethod):
     every pixel (the tie rule above) — a result that says nothing about the base.
     """
 
+    base_option = "base"
+    per_call_class_set = True
+
     def __init__(
         self,
         model: nn.Module,
