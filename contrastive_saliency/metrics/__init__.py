@@ -8,6 +8,7 @@ de-duplicated by index, so padded duplicates from a ``DistributedSampler`` never
 methods (see :class:`~contrastive_saliency.metrics.per_sample.SampleMetric`).
 """
 
+from contrastive_saliency.metrics.complexity import Complexity, Sparseness
 from contrastive_saliency.metrics.confidence import (
     AverageDrop,
     AverageGain,
@@ -58,6 +59,7 @@ __all__ = [
     "AverageDrop",
     "AverageGain",
     "ChannelActivity",
+    "Complexity",
     "ConfidenceDrop",
     "CurveInfo",
     "DeletionAUC",
@@ -79,6 +81,7 @@ __all__ = [
     "RegisteredMetric",
     "RelativeDrop",
     "SampleMetric",
+    "Sparseness",
     "TopKIntersection",
     "create_metric",
     "curve_info",

@@ -43,7 +43,7 @@ from contrastive_saliency.errors import ConfigurationError, closest
 from contrastive_saliency.metrics.per_sample import SampleMetric
 
 TARGET_KINDS = ("pair", "random_pair", "single", "grid")
-FAMILIES = ("class_sensitivity", "faithfulness", "localisation")
+FAMILIES = ("class_sensitivity", "faithfulness", "localisation", "complexity")
 EVALUATION_SET = ("batch_size",)  # set by the evaluation (perturbation_batch_size), no option
 
 

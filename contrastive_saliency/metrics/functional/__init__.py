@@ -1,5 +1,6 @@
 """Pure, batched metric functions: tensors in, per-sample tensors out."""
 
+from contrastive_saliency.metrics.functional.complexity import complexity, sparseness
 from contrastive_saliency.metrics.functional.confidence import (
     average_drop,
     average_gain,
@@ -79,6 +80,7 @@ __all__ = [
     "channel_activity",
     "class_channel_activity",
     "classifier_weight_similarity",
+    "complexity",
     "confidence_drop",
     "cosine_similarity_matrix",
     "curve_auc",
@@ -113,6 +115,7 @@ __all__ = [
     "resolve_randomisation_order",
     "soft_mask_confidences",
     "softmax_scores",
+    "sparseness",
     "spearman_similarity",
     "ssim_similarity",
     "top_k_intersection",
