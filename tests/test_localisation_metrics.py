@@ -249,3 +249,33 @@ def test_batched_equals_single_and_numpy_free_dtype():
             torch.testing.assert_close(full[i : i + 1], one)
     assert all(value.dtype == torch.float32 for value in batched)
     assert np.isfinite(torch.cat(batched).numpy()).all()
+
+
+def test_pointing_game_tolerance_is_torchrays_acceptance_disk():
+    """Zhang et al. 2018 / TorchRay: a hit when some mask pixel lies strictly closer than the
+    tolerance to the maximum (``du² + dv² < t²``). A one-pixel mask at (row 10, col 10) and maxima
+    at distances 15 (exactly), 14.87 and 14: with t = 15 the first misses (not < 15), the
+    others hit; with t = 0 all miss; the per-pixel definition is checked on random masks."""
+    maps = torch.zeros(3, 32, 32)
+    maps[0, 10, 25] = 1.0  # distance 15
+    maps[1, 20, 21] = 1.0  # sqrt(10² + 11²) = 14.87
+    maps[2, 24, 10] = 1.0  # distance 14
+    masks = torch.zeros(3, 32, 32, dtype=torch.bool)
+    masks[:, 10, 10] = True
+    assert pointing_game(maps, masks, tolerance_px=15).tolist() == [0.0, 1.0, 1.0]
+    assert pointing_game(maps, masks, tolerance_px=0).tolist() == [0.0, 0.0, 0.0]
+    assert pointing_game(maps, masks, tolerance_px=1).tolist() == [0.0, 0.0, 0.0]
+
+    generator = torch.Generator().manual_seed(3)
+    random_maps = torch.rand(6, 20, 20, generator=generator)
+    random_masks = torch.rand(6, 20, 20, generator=generator) > 0.97
+    rows, cols = torch.meshgrid(torch.arange(20.0), torch.arange(20.0), indexing="ij")
+    for tolerance in (2, 5):
+        expected = []
+        for map_, mask in zip(random_maps, random_masks, strict=True):
+            peak = divmod(int(map_.argmax()), 20)
+            accept = (rows - peak[0]) ** 2 + (cols - peak[1]) ** 2 < tolerance**2
+            expected.append(float((accept & mask).any()))
+        assert pointing_game(random_maps, random_masks, tolerance_px=tolerance).tolist() == expected
+    with pytest.raises(ValueError, match="tolerance_px"):
+        pointing_game(maps, masks, tolerance_px=-1)

@@ -84,7 +84,8 @@ class PointingGame(_MaskMetric):
     Sec. 4 "PG"); tied maxima score by ``ties``: ``expected`` (default) the share of them
     inside the mask, ``first`` the first in row-major order, ``any`` a hit when any is inside
     (:func:`~contrastive_saliency.metrics.functional.localisation.pointing_game`). The paper's score is the
-    hit rate, the column's mean.
+    hit rate, the column's mean. ``tolerance_px``: a hit also within that distance of the mask
+    (15 = Zhang et al. 2018 / TorchRay's protocol; default 0, the mask itself).
 
     ``update(maps, masks, index)``. Column: ``pointing_game``.
     """
@@ -93,15 +94,21 @@ class PointingGame(_MaskMetric):
     title = "pointing game"
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"ties": ("expected", "first", "any")}
 
-    def __init__(self, mask_key: str = "mask", ties: str = "expected", **kwargs: Any) -> None:
+    def __init__(
+        self, mask_key: str = "mask", ties: str = "expected", tolerance_px: int = 0, **kwargs: Any
+    ) -> None:
         super().__init__(mask_key, **kwargs)
         if ties not in self.choices["ties"]:
             raise ValueError(f"ties must be one of {self.choices['ties']}, got {ties!r}")
+        if isinstance(tolerance_px, bool) or not isinstance(tolerance_px, int) or tolerance_px < 0:
+            raise ValueError(f"tolerance_px must be a non-negative integer, got {tolerance_px!r}")
         self.ties = ties
+        self.tolerance_px = tolerance_px
 
     def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
         """Hits of ``maps`` in ``masks`` (bool) for the samples ``index``."""
-        self._add(index, pointing_game=pointing_game(maps, masks, self.ties).float())
+        hits = pointing_game(maps, masks, self.ties, self.tolerance_px)
+        self._add(index, pointing_game=hits.float())
 
 
 @register_metric("energy_pointing_game")

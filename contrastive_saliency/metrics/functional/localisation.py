@@ -40,7 +40,24 @@ def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Te
     return torch.where(positive, numerator / denominator.where(positive, 1), 0.0)
 
 
-def pointing_game(maps: torch.Tensor, masks: torch.Tensor, ties: str = "expected") -> torch.Tensor:
+def dilate_masks(masks: torch.Tensor, tolerance_px: int) -> torch.Tensor:
+    """Bool ``[B, H, W]`` masks grown by every pixel closer than ``tolerance_px`` to them
+    (Euclidean distance ``< tolerance_px``, TorchRay's acceptance disk ``du² + dv² < t²``);
+    ``tolerance_px`` 0 or 1 leaves them as they are. One convolution with the disk, batched."""
+    if isinstance(tolerance_px, bool) or not isinstance(tolerance_px, int) or tolerance_px < 0:
+        raise ValueError(f"tolerance_px must be a non-negative integer, got {tolerance_px!r}")
+    reach = tolerance_px - 1
+    if reach <= 0:
+        return masks.bool()
+    offsets = torch.arange(-reach, reach + 1, device=masks.device, dtype=torch.float32)
+    disk = (offsets[:, None].square() + offsets[None, :].square() < tolerance_px**2).float()
+    grown = torch.nn.functional.conv2d(masks[:, None].float(), disk[None, None], padding=reach)
+    return grown[:, 0] > 0
+
+
+def pointing_game(
+    maps: torch.Tensor, masks: torch.Tensor, ties: str = "expected", tolerance_px: int = 0
+) -> torch.Tensor:
     """Hit (1.0) when the map's maximum lies inside the mask, else 0.0 (CAAP Sec. 4, "PG";
     Zhang et al. 2018).
 
@@ -52,8 +69,13 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, ties: str = "expected
     counts a hit when any maximal pixel is inside (Quantus' ``PointingGame``), so a constant
     map hits every non-empty mask. A map with a unique maximum scores the same under all
     three. NaN pixels are never the maximum. An empty mask gives 0 (Quantus: NaN).
+
+    ``tolerance_px``: a hit also when the maximum lies closer than this many pixels to the mask
+    (Zhang et al. 2018's protocol, TorchRay ``PointingGame(tolerance=15)``: the mask is grown by
+    :func:`dilate_masks`); 0 (default) counts only pixels inside the mask.
     """
     _check_masks(maps, masks)
+    masks = dilate_masks(masks, tolerance_px)
     flat_maps, flat_masks = maps.flatten(1), masks.flatten(1)
     if ties == "expected":
         return expected_top_k_inside(top_k_ties(flat_maps, 1), flat_masks).to(maps.dtype)
