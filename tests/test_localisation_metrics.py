@@ -20,6 +20,7 @@ from contrastive_saliency.metrics.functional.localisation import (
     min_max_normalise,
     pointing_game,
     region_scores,
+    relevance_rank_accuracy,
 )
 
 
@@ -279,3 +280,35 @@ def test_pointing_game_tolerance_is_torchrays_acceptance_disk():
         assert pointing_game(random_maps, random_masks, tolerance_px=tolerance).tolist() == expected
     with pytest.raises(ValueError, match="tolerance_px"):
         pointing_game(maps, masks, tolerance_px=-1)
+
+
+def test_relevance_rank_accuracy_closed_forms_ties_and_quantus_parity():
+    """|top_K(E) ∩ R| / K with K = |R|: the top 4 values on a 4-pixel mask give 1, half of them
+    0.5; a constant map scores K / N (every pixel tied at the K-th value); an empty mask 0;
+    NaN ranks lowest. Quantus (``RelevanceRankAccuracy``, its defaults) on maps with distinct
+    values gives the same numbers (it scores an empty mask NaN and breaks ties by argsort, so
+    those cases are checked by the closed forms only)."""
+    maps = torch.zeros(4, 6, 6)
+    masks = torch.zeros(4, 6, 6, dtype=torch.bool)
+    masks[:, 1:3, 1:3] = True  # K = 4
+    maps[0, 1:3, 1:3] = torch.tensor([[4.0, 3.0], [2.0, 1.0]])
+    maps[1, 1, 1:3] = 5.0
+    maps[1, 5, 4:6] = 6.0  # two of the top 4 outside
+    maps[2] = 0.7  # constant
+    maps[3, 1:3, 1:3] = float("nan")  # NaN inside the mask ranks lowest
+    maps[3, 0, :4] = 1.0
+    values = relevance_rank_accuracy(maps, masks)
+    torch.testing.assert_close(values, torch.tensor([1.0, 0.5, 4 / 36, 0.0]))
+    assert relevance_rank_accuracy(maps[:1], torch.zeros(1, 6, 6, dtype=torch.bool)).item() == 0.0
+
+    quantus = pytest.importorskip("quantus")
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(5, 1, 12, 12)).astype(np.float32)
+    s = (rng.random((5, 1, 12, 12)) > 0.7).astype(np.float32)
+    x = rng.random((5, 3, 12, 12)).astype(np.float32)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 2))
+    theirs = quantus.RelevanceRankAccuracy(disable_warnings=True)(
+        model=model, x_batch=x, y_batch=np.zeros(5, dtype=int), a_batch=a, s_batch=s, device="cpu"
+    )
+    ours = relevance_rank_accuracy(torch.from_numpy(a[:, 0]), torch.from_numpy(s[:, 0] > 0))
+    np.testing.assert_allclose(ours.numpy(), np.asarray(theirs, dtype=np.float64), rtol=1e-6)

@@ -25,6 +25,7 @@ from contrastive_saliency.metrics.localisation import (
     LocalisationError,
     PointingGame,
     RegionScores,
+    RelevanceRankAccuracy,
     TopKIntersection,
 )
 from contrastive_saliency.metrics.per_sample import (
@@ -80,6 +81,7 @@ __all__ = [
     "RegionScores",
     "RegisteredMetric",
     "RelativeDrop",
+    "RelevanceRankAccuracy",
     "SampleMetric",
     "Sparseness",
     "TopKIntersection",

@@ -25,6 +25,7 @@ from contrastive_saliency.metrics.functional.localisation import (
     localisation_error,
     pointing_game,
     region_scores,
+    relevance_rank_accuracy,
     top_k_intersection,
 )
 from contrastive_saliency.metrics.per_sample import SampleMetric
@@ -125,6 +126,24 @@ class EnergyPointingGame(_MaskMetric):
     def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
         """Energy of ``maps`` inside ``masks`` (bool) for the samples ``index``."""
         self._add(index, energy_pointing_game=energy_pointing_game(maps, masks))
+
+
+@register_metric("relevance_rank_accuracy")
+class RelevanceRankAccuracy(_MaskMetric):
+    """Per-sample share of the ``|R|`` highest-valued pixels inside the mask ``R`` (Arras et al.
+    2022; Quantus ``RelevanceRankAccuracy``); ties at the ``|R|``-th value by their expected
+    share, an empty mask 0
+    (:func:`~contrastive_saliency.metrics.functional.localisation.relevance_rank_accuracy`).
+
+    ``update(maps, masks, index)``. Column: ``relevance_rank_accuracy``.
+    """
+
+    higher_is_better = True
+    title = "relevance rank accuracy"
+
+    def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
+        """Rank accuracy of ``maps`` for ``masks`` (bool) for the samples ``index``."""
+        self._add(index, relevance_rank_accuracy=relevance_rank_accuracy(maps, masks))
 
 
 @register_metric("top_k_intersection")

@@ -26,6 +26,7 @@ from contrastive_saliency.metrics.functional.localisation import (
     min_max_normalise,
     pointing_game,
     region_scores,
+    relevance_rank_accuracy,
     top_k_intersection,
 )
 from contrastive_saliency.metrics.functional.map_similarity import (
@@ -112,6 +113,7 @@ __all__ = [
     "randomise_module",
     "region_scores",
     "relative_drop",
+    "relevance_rank_accuracy",
     "resolve_randomisation_order",
     "soft_mask_confidences",
     "softmax_scores",

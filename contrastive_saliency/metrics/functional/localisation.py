@@ -88,6 +88,32 @@ def pointing_game(
     raise ValueError(f"ties must be 'expected', 'first' or 'any', got {ties!r}")
 
 
+def relevance_rank_accuracy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Share of the ``K = |R|`` highest-valued pixels that lie inside the mask ``R`` (Arras et
+    al. 2022, CLEVR-XAI, "relevance rank accuracy"; Quantus ``RelevanceRankAccuracy``):
+    ``|top_K(E) ∩ R| / K`` per sample, the map's signed values (Quantus' ``abs=False``).
+
+    Ties at the ``K``-th value count by their expected share under uniform tie-breaking (the
+    rule of :mod:`contrastive_saliency.metrics.functional.ties`), so a constant map scores the
+    mask's area share ``K / N`` (Quantus: ``argsort`` order). NaN ranks lowest. An empty mask
+    gives 0 (Quantus: NaN), as :func:`top_k_intersection`.
+    """
+    _check_masks(maps, masks)
+    flat = maps.flatten(1)
+    if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    flat = torch.nan_to_num(flat, nan=-float("inf"))
+    region = masks.flatten(1).bool()
+    k = region.sum(dim=1)
+    ordered = flat.sort(dim=1, descending=True).values
+    kth = ordered.gather(1, (k - 1).clamp_min(0)[:, None])
+    above, at = flat > kth, flat == kth
+    share = (k - above.sum(dim=1)).double() / at.sum(dim=1).double()
+    inside = (above & region).sum(dim=1).double() + share * (at & region).sum(dim=1).double()
+    accuracy = inside / k.clamp_min(1).double()
+    return torch.where(k > 0, accuracy, torch.zeros_like(accuracy)).to(maps.dtype)
+
+
 def top_k_intersection(maps: torch.Tensor, masks: torch.Tensor, k: int) -> torch.Tensor:
     """Fraction of the ``k`` highest-valued pixels that lie inside the mask (Theiner et al.
     2021, "top-k intersection"; Quantus ``TopKIntersection``): ``|topk(E) ∩ R| / k``.
