@@ -503,3 +503,39 @@ def test_keep_masks_break_ties_at_the_quantile_at_random_keeping_the_reference_c
     assert torch.equal(alone[:, 0], random[:, 1])  # the draw follows the index, not the batch
     with pytest.raises(ValueError, match="indices"):
         saliency_keep_masks(sparse, thresholds)
+
+
+def test_matches_pairs_own_compute_pic_metric(batch, result, monkeypatch):
+    """The real reference: PAIR's ``saliency.metrics.pic.compute_pic_metric`` (a dev
+    dependency; importable beside this project since the core is ``contrastive_saliency``), per
+    image, with our random masks, thresholds and the same model as its ``pred_func``. Where PAIR
+    skips an image (``ComputePicMetricError``) ours marks the curve invalid; elsewhere the SIC
+    and AIC curves and AUCs agree (float32 noise of batched vs single-image forwards)."""
+    pair_pic = pytest.importorskip("saliency.metrics.pic")
+    # PAIR 0.2.1 integrates with np.trapz, which NumPy 2.4 removed; np.trapezoid is the same rule
+    monkeypatch.setattr(np, "trapz", np.trapezoid, raising=False)
+    pixels, _, maps, model, classes = batch
+    masks = random_pixel_masks(len(pixels), SIZE, SIZE, 0.01, seed=0).numpy()
+    compared = 0
+    for kind, prefix in (("softmax", "sic"), ("accuracy", "aic")):
+        for i in range(len(pixels)):
+
+            def predict(images, i=i, kind=kind):
+                return [ref_predict(model, image, int(classes[i]), kind) for image in images]
+
+            with threadpool_limits(1):
+                try:
+                    theirs = pair_pic.compute_pic_metric(
+                        pixels[i], maps[i].numpy(), masks[i], predict, DEFAULT_THRESHOLDS,
+                        min_pred_value=0.8, keep_monotonous=True, num_data_points=1000,
+                    )  # fmt: skip
+                except pair_pic.ComputePicMetricError:
+                    assert not bool(getattr(result, f"{prefix}_valid")[i]), (kind, i)
+                    continue
+            assert bool(getattr(result, f"{prefix}_valid")[i]), (kind, i)
+            curve = getattr(result, f"{prefix}_curves")[i].numpy()
+            np.testing.assert_allclose(curve, theirs.curve_y, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(result.grid.numpy(), theirs.curve_x, rtol=0, atol=1e-12)
+            assert float(getattr(result, f"{prefix}_auc")[i]) == pytest.approx(theirs.auc, abs=1e-6)
+            compared += 1
+    assert compared >= 4  # both curve kinds, several valid images
