@@ -156,7 +156,7 @@ def _report(cli, evaluation) -> None:
     with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
         print("\n" + evaluation.summary[columns].to_string(index=False))
     if evaluation.dataset_checks:
-        from callbacks.evaluation_tables import describe_sibling_share
+        from callbacks.evaluation.tables import describe_sibling_share
 
         share = describe_sibling_share(evaluation.dataset_checks)
         print(f"\ntop-2 = sibling among correctly classified samples: {share}")

@@ -353,7 +353,7 @@ def test_callback_watches_explanations_during_training(tmp_path):
 
 
 def test_metric_options_are_checked_by_name_and_value():
-    from callbacks.evaluation_spec import parse_metrics
+    from callbacks.evaluation.spec import parse_metrics
     from contrastive_saliency.errors import ConfigurationError
 
     (spec,) = parse_metrics([{"name": "relative_drop", "kwargs": {"reference": "runner_up"}}])

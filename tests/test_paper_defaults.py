@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from callbacks.caap_sweeps import CAAPSweepCallback
 from callbacks.evaluation import SaliencyEvaluationCallback
-from callbacks.evaluation_spec import resolve_selectors
+from callbacks.evaluation.spec import resolve_selectors
 from callbacks.explained_model import data_normalisation
 from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.methods import create_method

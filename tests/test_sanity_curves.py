@@ -10,7 +10,7 @@ import torch
 
 from callbacks.evaluation import SaliencyEvaluationCallback
 from callbacks.evaluation.checks import check_sanity_options
-from callbacks.sanity_checks import (
+from callbacks.evaluation.randomisation import (
     MEASURES,
     ROOT_STEP,
     check_measures,

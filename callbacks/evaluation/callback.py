@@ -37,10 +37,10 @@ from callbacks.evaluation.engine import (
 from callbacks.evaluation.outputs import ResultWriter
 from callbacks.evaluation.results import GatheredResults
 from callbacks.evaluation.sanity import SanityCheck
-from callbacks.evaluation_spec import parse_methods, parse_metrics
+from callbacks.evaluation.spec import parse_methods, parse_metrics
+from callbacks.evaluation.target_policies import parse_policies
 from callbacks.explained_model import data_normalisation, first_test_indices
 from callbacks.run_outputs import StagedResults
-from callbacks.target_policies import parse_policies
 from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.metrics.per_sample import PerSampleValues
 from contrastive_saliency.stats import method_alternative
@@ -52,12 +52,12 @@ class SaliencyEvaluationCallback(
     """Evaluate saliency methods on the test split (and optionally during training).
 
     Args:
-        methods: names or ``{name, label, kwargs}`` (:mod:`callbacks.evaluation_spec`).
+        methods: names or ``{name, label, kwargs}`` (:mod:`callbacks.evaluation.spec`).
         layers: dotted layer paths; ``null`` = each network's default layer;
             ``protocol:case`` = the layer CASE explains on this architecture
             (:func:`contrastive_saliency.layers.case_layer`). Methods that explain the input (gradients,
             RISE) run once, under layer ``input``.
-        targets: target policies (:mod:`callbacks.target_policies`).
+        targets: target policies (:mod:`callbacks.evaluation.target_policies`).
         metrics: names or ``{name, label, kwargs}`` of registered metrics
             (:mod:`contrastive_saliency.metrics.registry`); each runs on the policies of its
             ``target_kind`` (pair metrics on ``top1_vs_top2``, ...).

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 
 from callbacks.evaluation.engine import _Combination
-from callbacks.evaluation_spec import MethodSpec, MetricSpec
-from callbacks.target_policies import POLICIES, TargetPolicy
+from callbacks.evaluation.spec import MethodSpec, MetricSpec
+from callbacks.evaluation.target_policies import POLICIES, TargetPolicy
 from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.metrics.registry import metric_class
 
@@ -82,7 +82,7 @@ def check_sanity_options(
     """
     if options is None:
         return None
-    from callbacks.sanity_checks import MEASURES, TARGETS, check_measures
+    from callbacks.evaluation.randomisation import MEASURES, TARGETS, check_measures
 
     defaults = {
         "samples": 4, "measures": list(MEASURES), "target": "randomised_argmax",

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from callbacks.evaluation_spec import MethodSpec, matrix_contrast_selectors, resolve_selectors
-from callbacks.target_policies import column_classes, correct_rows
+from callbacks.evaluation.spec import MethodSpec, matrix_contrast_selectors, resolve_selectors
+from callbacks.evaluation.target_policies import column_classes, correct_rows
 from contrastive_saliency.layers import layer_path
 from contrastive_saliency.metrics.registry import (
     MetricInputs,

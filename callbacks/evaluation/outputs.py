@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from callbacks.evaluation.engine import CONTRASTS_FROM_MATRIX
+from callbacks.evaluation.tables import describe_sibling_share
 from callbacks.evaluation.wandb_logging import log_wandb
-from callbacks.evaluation_tables import describe_sibling_share
 from contrastive_saliency.stats import hypothesis_text
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 
 from callbacks.evaluation.engine import CONTRASTS_FROM_MATRIX
-from callbacks.evaluation_tables import mean_curves, method_tests, sibling_share, summarise
+from callbacks.evaluation.tables import mean_curves, method_tests, sibling_share, summarise
 from contrastive_saliency.errors import ConfigurationError
 
 

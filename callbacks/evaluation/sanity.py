@@ -1,6 +1,6 @@
 """The sanity check of an evaluation: cascading randomisation (Adebayo et al. 2018; VAR
 Fig. 6) of the explained network on the first gallery samples, every method and layer of the
-run (:mod:`callbacks.sanity_checks`)."""
+run (:mod:`callbacks.evaluation.randomisation`)."""
 
 from __future__ import annotations
 
@@ -63,11 +63,11 @@ class SanityCheck:
 
     def _run_sanity_check(self, pl_module: Any, gallery) -> pd.DataFrame | None:
         """Cascading randomisation of ``pl_module.network`` on the first gallery samples
-        (:func:`callbacks.sanity_checks.randomisation_curves`), every method and layer of the
+        (:func:`callbacks.evaluation.randomisation.randomisation_curves`), every method and layer of the
         run, all configured measures in one pass."""
         if self.sanity_check is None or not gallery:
             return None
-        from callbacks.sanity_checks import randomisation_curves
+        from callbacks.evaluation.randomisation import randomisation_curves
         from contrastive_saliency.methods import create_method
 
         network = pl_module.network
