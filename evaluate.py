@@ -21,13 +21,13 @@ def main(argv: Sequence[str] | None = None):
     import lightning as L
     import numpy as np
 
-    from callbacks.explained_model import data_normalisation
-    from callbacks.saliency_evaluation import (
+    from callbacks.evaluation import (
         CONFUSION_FROM_HOLDOUT,
         CONFUSION_FROM_VALIDATION,
         SaliencyEvaluationCallback,
     )
-    from datamodules.test_subset import sample_test_split
+    from callbacks.evaluation.test_subset import sample_test_split
+    from callbacks.explained_model import data_normalisation
     from lightning_modules.checkpoints import hand_filter_model
     from lightning_modules.cli import CONFIG_DIR, ProjectCLI, alias_seed, finish_wandb
     from lightning_modules.evaluation import SaliencyEvaluationModule
@@ -91,7 +91,7 @@ def _held_out_confusion_matrix(cli, evaluation):
     explained test split (:func:`callbacks.confusion_matrix.check_held_out`), before any
     computation. Without a ``confusion`` selector nothing is checked."""
     from callbacks.confusion_matrix import check_held_out, read_provenance
-    from callbacks.saliency_evaluation import CONFUSION_FROM_HOLDOUT, CONFUSION_FROM_VALIDATION
+    from callbacks.evaluation import CONFUSION_FROM_HOLDOUT, CONFUSION_FROM_VALIDATION
     from datamodules.split_source import split_source
 
     matrix = evaluation.confusion_matrix or cli.model.confusion_matrix_path
@@ -115,7 +115,7 @@ def _computed_confusion_matrix(cli, trainer, evaluation, kind: str) -> Path:
     sample counted once (also under DDP), saved with its provenance as
     ``<run_dir>/confusion_matrix.{npy,csv,json}``."""
     from callbacks.confusion_matrix import ConfusionMatrixCallback
-    from callbacks.saliency_evaluation import CONFUSION_FROM_VALIDATION
+    from callbacks.evaluation import CONFUSION_FROM_VALIDATION
 
     if kind == CONFUSION_FROM_VALIDATION:
         callback = ConfusionMatrixCallback(output_dir=str(cli.run_dir))
@@ -156,7 +156,7 @@ def _report(cli, evaluation) -> None:
     with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
         print("\n" + evaluation.summary[columns].to_string(index=False))
     if evaluation.dataset_checks:
-        from callbacks.evaluation_tables import describe_sibling_share
+        from callbacks.evaluation.tables import describe_sibling_share
 
         share = describe_sibling_share(evaluation.dataset_checks)
         print(f"\ntop-2 = sibling among correctly classified samples: {share}")

@@ -34,7 +34,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from callbacks.evaluation_spec import MetricSpec, parse_metrics
+from callbacks.evaluation.spec import MetricSpec, parse_metrics
 from callbacks.explained_model import (
     data_normalisation,
     explained_network,

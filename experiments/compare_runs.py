@@ -9,7 +9,7 @@ Each argument is an ``evaluate.py`` run directory holding a complete result (its
 
 - ``comparison.csv``: one row per (method, layer, target policy, metric, run): n, mean,
   median, sd and the 95 % Student-t CI of the mean (as the run's own ``summary.csv``:
-  :func:`callbacks.evaluation_tables.summarise`, with the run's Wilcoxon test of feature
+  :func:`callbacks.evaluation.tables.summarise`, with the run's Wilcoxon test of feature
   agreement against its threshold), and the paired test of the run against the reference run
   (default: the first) on the samples both explained — paired t-test of ``run − reference``,
   Cohen's d_z, Holm- and Benjamini–Hochberg-corrected across the runs compared
@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from callbacks.evaluation_tables import GROUP, summarise
+from callbacks.evaluation.tables import GROUP, summarise
 from lightning_modules.wandb_runs import log_tables_and_images, wandb_logger
 
 KEYS = GROUP  # method, layer, target_policy, metric

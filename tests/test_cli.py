@@ -17,7 +17,7 @@ import torch
 
 import evaluate
 import train
-from callbacks.saliency_evaluation import CONTRASTS_FROM_MATRIX
+from callbacks.evaluation import CONTRASTS_FROM_MATRIX
 from datamodules import ShapesDataModule
 from datamodules.train_holdout import per_class_sample
 from lightning_modules.cli import run_cli

@@ -17,8 +17,8 @@ from PIL import Image
 
 import evaluate
 import train
+from callbacks.evaluation import CONTRASTS_FROM_MATRIX, SaliencyEvaluationCallback
 from callbacks.run_outputs import is_complete
-from callbacks.saliency_evaluation import CONTRASTS_FROM_MATRIX, SaliencyEvaluationCallback
 from contrastive_saliency.targets import ConfusionContrast
 from datamodules import ShapesDataModule
 from lightning_modules.cli import run_cli
@@ -338,7 +338,7 @@ def test_callback_watches_explanations_during_training(tmp_path):
     config.write_text(
         "trainer:\n"
         "  callbacks:\n"
-        "    - class_path: callbacks.saliency_evaluation.SaliencyEvaluationCallback\n"
+        "    - class_path: callbacks.evaluation.SaliencyEvaluationCallback\n"
         "      init_args:\n"
         "        methods: [grad_cam]\n"
         "        targets: [top1_vs_top2]\n"
@@ -353,7 +353,7 @@ def test_callback_watches_explanations_during_training(tmp_path):
 
 
 def test_metric_options_are_checked_by_name_and_value():
-    from callbacks.evaluation_spec import parse_metrics
+    from callbacks.evaluation.spec import parse_metrics
     from contrastive_saliency.errors import ConfigurationError
 
     (spec,) = parse_metrics([{"name": "relative_drop", "kwargs": {"reference": "runner_up"}}])

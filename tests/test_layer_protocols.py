@@ -13,7 +13,7 @@ import torchvision
 import yaml
 from torch import nn
 
-from callbacks.saliency_evaluation import SaliencyEvaluationCallback
+from callbacks.evaluation import SaliencyEvaluationCallback
 from contrastive_saliency.errors import ConfigurationError, UnknownLayerError
 from contrastive_saliency.layers import case_layer, default_layer, layer_path
 from lightning_modules.small_cnn import SmallCNN

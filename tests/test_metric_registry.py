@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from callbacks.evaluation_spec import parse_metrics
+from callbacks.evaluation.spec import parse_metrics
 from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.metrics import functional as M
 from contrastive_saliency.metrics.registry import (

@@ -14,9 +14,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
 from callbacks.caap_sweeps import CAAPSweepCallback
-from callbacks.evaluation_spec import resolve_selectors
+from callbacks.evaluation import SaliencyEvaluationCallback
+from callbacks.evaluation.spec import resolve_selectors
 from callbacks.explained_model import data_normalisation
-from callbacks.saliency_evaluation import SaliencyEvaluationCallback
 from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.methods import create_method
 from contrastive_saliency.targets import ConfusionContrast, LogitNeighbours

@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 import torch
 
-from callbacks.saliency_evaluation import SaliencyEvaluationCallback, _check_sanity_options
-from callbacks.sanity_checks import (
+from callbacks.evaluation import SaliencyEvaluationCallback
+from callbacks.evaluation.checks import check_sanity_options
+from callbacks.evaluation.randomisation import (
     MEASURES,
     ROOT_STEP,
     check_measures,
@@ -128,11 +129,11 @@ def test_max_steps_root_step_and_errors(setup):
 
 
 def test_evaluation_options():
-    defaults = _check_sanity_options({})
+    defaults = check_sanity_options({})
     assert defaults["measures"] == list(MEASURES)
     assert defaults["target"] == "randomised_argmax"
-    assert _check_sanity_options({"measure": "ssim"})["measures"] == ["ssim"]
-    assert _check_sanity_options(None) is None
+    assert check_sanity_options({"measure": "ssim"})["measures"] == ["ssim"]
+    assert check_sanity_options(None) is None
     bad = [
         ({"measure": "ssim", "measures": ["hog"]}, "both 'measure' and 'measures'"),
         ({"measures": ["pearson"]}, "pearson"),
@@ -144,7 +145,7 @@ def test_evaluation_options():
     ]
     for options, message in bad:
         with pytest.raises(ConfigurationError, match=message):
-            _check_sanity_options(options)
+            check_sanity_options(options)
 
 
 def test_var_methods_pair_with_their_base_and_order_is_checked():

@@ -122,7 +122,7 @@ def test_shape_label_mode_labels_the_same_images_by_shape():
 def test_sibling_share_counts_correct_samples_whose_top2_is_the_sibling():
     """The statistic the class-sensitivity report prints: among correctly classified samples
     only, the share whose top-2 prediction is the sibling (same shape, other mark)."""
-    from callbacks.evaluation_tables import describe_sibling_share, sibling_share
+    from callbacks.evaluation.tables import describe_sibling_share, sibling_share
 
     siblings = ShapesDataModule().sibling_classes
     samples = pd.DataFrame(

@@ -236,7 +236,7 @@ def test_stats_table_against_several_references_is_corrected_as_one_family():
     """``method_tests`` with references [grad_cam, edge]: rows per (method, reference), the
     pair of references tested once, the layer-free reference paired at the layer and the
     layer-free methods once (under "input"), Holm / BH over the whole table."""
-    from callbacks.evaluation_tables import method_tests
+    from callbacks.evaluation.tables import method_tests
 
     rng = np.random.default_rng(3)
     n = 25

@@ -203,3 +203,53 @@ def test_the_evaluation_names_no_method():
                 if isinstance(operand, ast.Constant) and operand.value in names
             ]
     assert not found, "callbacks name methods:\n" + "\n".join(found)
+
+
+def _imports_lightning(path: Path) -> int | None:
+    """The line of ``path``'s first import of ``lightning`` (or ``pytorch_lightning``), if any."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        if any(n.split(".")[0] in {"lightning", "pytorch_lightning"} for n in names):
+            return node.lineno
+    return None
+
+
+def test_the_evaluation_engine_and_its_checks_need_no_lightning():
+    """The evaluation package's engine (methods, per-batch maps and metrics), specs, target
+    policies, config checks, sanity check, result assembly and tables import no Lightning,
+    neither themselves nor through any product module they import; only ``callback.py`` (the
+    hooks) does."""
+    modules = product_modules(REPO)
+    graph: dict[str, list[str]] = {}
+    for edge in import_graph(REPO):
+        graph.setdefault(edge.importer, []).append(edge.imported)
+    found, walked = [], {}
+    roots = [
+        "engine",
+        "checks",
+        "sanity",
+        "results",
+        "spec",
+        "target_policies",
+        "tables",
+        "randomisation",
+    ]
+    for root in roots:
+        seen, todo = set(), [f"callbacks.evaluation.{root}"]
+        while todo:
+            module = todo.pop()
+            if module in seen:
+                continue
+            seen.add(module)
+            line = _imports_lightning(modules[module])
+            if line is not None:
+                found.append(f"{modules[module].relative_to(REPO)}:{line} (from {root})")
+            todo += graph.get(module, [])
+        walked[root] = seen
+    assert "callbacks.evaluation.spec" in walked["engine"]  # the walk follows product imports
+    assert not found, "Lightning imported by the engine side:\n" + "\n".join(found)
+    assert _imports_lightning(REPO / "callbacks/evaluation/callback.py") is not None

@@ -111,12 +111,12 @@ def test_an_evaluation_that_explains_nothing_says_why(trained_run, tmp_path, mon
     """``correct_only`` with a model that classifies no sample correctly (an untrained model;
     here every prediction is counted wrong) ends with the reason and the flag to change, not
     with an error of the report's table."""
-    import callbacks.saliency_evaluation as evaluation_callback
+    import callbacks.evaluation.engine as evaluation_engine
 
     def nothing_correct(logits, batch):
         return torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
 
-    monkeypatch.setattr(evaluation_callback, "correct_rows", nothing_correct)
+    monkeypatch.setattr(evaluation_engine, "correct_rows", nothing_correct)
     monkeypatch.chdir(REPO)
     arguments = [
         "--model.checkpoint", str(trained_run / "checkpoints" / "last.ckpt"), *TINY_DATA,
