@@ -173,3 +173,17 @@ def test_keys_are_a_pure_function_of_index_position_and_salt():
         tie_break_keys(torch.zeros(2, 2, dtype=torch.long), N)
     with pytest.raises(ValueError, match="one dataset index per map"):
         rank_descending(torch.zeros(2, 4), torch.arange(3))
+
+
+def test_top_k_ties_with_a_count_per_row_equals_one_call_per_row():
+    generator = torch.Generator().manual_seed(4)
+    flat = torch.randint(0, 5, (4, 30), generator=generator).float()  # many ties
+    flat[2, 7] = float("nan")
+    k = torch.tensor([1, 7, 15, 30])
+    per_row = top_k_ties(flat, k)
+    for row in range(4):
+        alone = top_k_ties(flat[row : row + 1], int(k[row]))
+        assert torch.equal(per_row.indicators[row], alone.indicators[0])
+        assert per_row.share[row].item() == alone.share[0].item()
+    with pytest.raises(ValueError, match="k per row"):
+        top_k_ties(flat, torch.tensor([0, 1, 2, 3]))

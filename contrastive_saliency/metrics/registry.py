@@ -109,8 +109,11 @@ class RegisteredMetric(SampleMetric):
     internal_options: ClassVar[tuple[str, ...]] = ()
 
     def update_arguments(self, inputs: MetricInputs) -> dict[str, Any]:
-        """The keyword arguments of :meth:`update` for the evaluation's ``inputs``."""
-        raise NotImplementedError
+        """The keyword arguments of :meth:`update` for the evaluation's ``inputs``. Every
+        registered class defines it (:func:`register_metric` refuses one that does not)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must define update_arguments(inputs) to be used by the evaluation"
+        )
 
     @classmethod
     def options(cls) -> dict[str, Any]:

@@ -99,18 +99,10 @@ def relevance_rank_accuracy(maps: torch.Tensor, masks: torch.Tensor) -> torch.Te
     gives 0 (Quantus: NaN), as :func:`top_k_intersection`.
     """
     _check_masks(maps, masks)
-    flat = maps.flatten(1)
-    if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
-        flat = flat.float()
-    flat = torch.nan_to_num(flat, nan=-float("inf"))
     region = masks.flatten(1).bool()
     k = region.sum(dim=1)
-    ordered = flat.sort(dim=1, descending=True).values
-    kth = ordered.gather(1, (k - 1).clamp_min(0)[:, None])
-    above, at = flat > kth, flat == kth
-    share = (k - above.sum(dim=1)).double() / at.sum(dim=1).double()
-    inside = (above & region).sum(dim=1).double() + share * (at & region).sum(dim=1).double()
-    accuracy = inside / k.clamp_min(1).double()
+    ties = top_k_ties(maps.flatten(1), k.clamp_min(1))  # an empty mask is scored 0 below
+    accuracy = expected_top_k_inside(ties, region) / k.clamp_min(1).double()
     return torch.where(k > 0, accuracy, torch.zeros_like(accuracy)).to(maps.dtype)
 
 

@@ -141,8 +141,9 @@ class TopKTies:
         return (self.weights()[:, :, None] * self.indicators.double()).sum(dim=1)
 
 
-def top_k_ties(flat: torch.Tensor, k: int, positive_part: bool = False) -> TopKTies:
-    """:class:`TopKTies` of ``[B, N]`` values from one partial ``topk`` per row.
+def top_k_ties(flat: torch.Tensor, k: int | torch.Tensor, positive_part: bool = False) -> TopKTies:
+    """:class:`TopKTies` of ``[B, N]`` values from one partial ``topk`` per row; ``k`` may also
+    be one count per row (an integer tensor ``[B]``, e.g. each mask's size), found by a sort.
 
     NaN ranks lowest; with ``positive_part`` the values are ``max(E, 0)`` first, so every
     non-positive pixel and NaN ties at 0.
@@ -150,7 +151,17 @@ def top_k_ties(flat: torch.Tensor, k: int, positive_part: bool = False) -> TopKT
     if flat.dim() != 2:
         raise ValueError(f"values must be [B, N], got shape {tuple(flat.shape)}")
     num = flat.shape[1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num:
+    per_row = torch.is_tensor(k)
+    if per_row:
+        if (
+            k.shape != (flat.shape[0],)
+            or k.is_floating_point()
+            or not bool(((k >= 1) & (k <= num)).all())
+        ):
+            raise ValueError(
+                f"k per row must be integers in [1, {num}] of shape ({flat.shape[0]},), got {k!r}"
+            )
+    elif isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num:
         raise ValueError(f"k must be an integer in [1, {num}] (pixels per map), got {k!r}")
     if not flat.is_floating_point():
         flat = flat.float()
@@ -158,15 +169,20 @@ def top_k_ties(flat: torch.Tensor, k: int, positive_part: bool = False) -> TopKT
         flat = flat.where(flat > 0, 0.0)  # NaN > 0 is False: NaN → 0
     else:
         flat = torch.nan_to_num(flat, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    top = torch.topk(flat, k, dim=1, sorted=False).values
-    kth = top.amin(dim=1, keepdim=True)  # the k-th largest value
+    if per_row:
+        ordered = flat.sort(dim=1, descending=True).values
+        kth = ordered.gather(1, (k.to(flat.device) - 1)[:, None])
+    else:
+        top = torch.topk(flat, k, dim=1, sorted=False).values
+        kth = top.amin(dim=1, keepdim=True)  # the k-th largest value
     indicators = torch.empty(flat.shape[0], 2, num, dtype=torch.float32, device=flat.device)
     torch.gt(flat, kth, out=indicators[:, 0])
     torch.ge(flat, kth, out=indicators[:, 1])
-    # Every pixel above the k-th value is among the k kept by topk: count them there.
-    n_above = (top > kth).sum(dim=1).double()
-    n_tied = indicators[:, 1].sum(dim=1).double() - n_above  # integer sums, exact in float32
-    return TopKTies(indicators=indicators, share=(k - n_above) / n_tied)
+    # integer sums, exact in float32
+    n_above = indicators[:, 0].sum(dim=1).double()
+    n_tied = indicators[:, 1].sum(dim=1).double() - n_above
+    count = k.to(flat.device).double() if per_row else k
+    return TopKTies(indicators=indicators, share=(count - n_above) / n_tied)
 
 
 def _exact_counts(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
