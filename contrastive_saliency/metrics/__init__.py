@@ -8,6 +8,7 @@ de-duplicated by index, so padded duplicates from a ``DistributedSampler`` never
 methods (see :class:`~contrastive_saliency.metrics.per_sample.SampleMetric`).
 """
 
+from contrastive_saliency.metrics.aopc import IROF, PixelFlipping, RegionPerturbation
 from contrastive_saliency.metrics.complexity import Complexity, Sparseness
 from contrastive_saliency.metrics.confidence import (
     AverageDrop,
@@ -57,6 +58,7 @@ from contrastive_saliency.metrics.sanity_checks import MapSimilarity
 
 __all__ = [
     "AUPR",
+    "IROF",
     "AverageDrop",
     "AverageGain",
     "ChannelActivity",
@@ -76,8 +78,10 @@ __all__ = [
     "MetricInputs",
     "PerSampleValues",
     "PerformanceInformationCurves",
+    "PixelFlipping",
     "PointingGame",
     "RandomLogit",
+    "RegionPerturbation",
     "RegionScores",
     "RegisteredMetric",
     "RelativeDrop",
