@@ -345,3 +345,18 @@ def test_registered_classes_as_the_evaluation_feeds_them(name, options, function
     assert indices.tolist() == [3, 7, 9]
     expected = function(model, images, maps, classes, **options, indices=index)
     torch.testing.assert_close(values[name], expected[[1, 0, 2]])
+
+
+def test_irof_of_a_zero_unperturbed_score_is_nan_not_a_number_made_up():
+    """IROF divides by the unperturbed score: a logit of exactly 0 gives 0/0 ratios, so NaN
+    (the docstring's rule; Quantus divides the same way)."""
+    model = _Linear(torch.zeros(2, 3, 8, 8, dtype=torch.float64), bias=0.0)
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    maps = torch.rand(2, 8, 8, dtype=torch.float64)
+    segments = torch.arange(4).repeat_interleave(16).view(1, 8, 8).expand(2, 8, 8)
+    values = irof(model, images, maps, torch.tensor([0, 1]), score="logit",
+                  indices=torch.arange(2), segments=segments)  # fmt: skip
+    assert values.isnan().all()
+    softmax = irof(model, images, maps, torch.tensor([0, 1]), indices=torch.arange(2),
+                   segments=segments)  # fmt: skip
+    torch.testing.assert_close(softmax, torch.zeros(2, dtype=softmax.dtype))  # flat: r = 1
