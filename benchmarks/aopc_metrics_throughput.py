@@ -14,6 +14,11 @@ Quantus' (AOPC from Quantus' curves; for IROF Quantus' unit-step form rebuilt fr
 
     uv run python benchmarks/aopc_metrics_throughput.py                  # 16 images at 48²
     uv run python benchmarks/aopc_metrics_throughput.py --device cuda --images 128
+    uv run python benchmarks/aopc_metrics_throughput.py --size 24 --pixels-per-step 8 \
+        --output benchmarks/results/aopc_metrics_throughput_cpu_24px.json  # smaller images
+
+Ours runs at the model's forward cost; the ratio is Quantus' per-step NumPy overhead against
+that cost, so it is larger where the forward is cheaper (smaller images or models).
 
 Writes JSON (default ``benchmarks/results/aopc_metrics_throughput_<device>.json``).
 """
