@@ -16,6 +16,12 @@ from contrastive_saliency.metrics.confidence import (
     IncreaseInConfidence,
     RelativeDrop,
 )
+from contrastive_saliency.metrics.faithfulness import (
+    FaithfulnessCorrelation,
+    FaithfulnessEstimate,
+    Monotonicity,
+    MonotonicityCorrelation,
+)
 from contrastive_saliency.metrics.feature_agreement import FeatureAgreement
 from contrastive_saliency.metrics.localisation import (
     AUPR,
@@ -65,6 +71,8 @@ __all__ = [
     "CurveInfo",
     "DeletionAUC",
     "EnergyPointingGame",
+    "FaithfulnessCorrelation",
+    "FaithfulnessEstimate",
     "FeatureAgreement",
     "GridPointingGame",
     "GridRegionScores",
@@ -74,6 +82,8 @@ __all__ = [
     "LocalisationError",
     "MapSimilarity",
     "MetricInputs",
+    "Monotonicity",
+    "MonotonicityCorrelation",
     "PerSampleValues",
     "PerformanceInformationCurves",
     "PointingGame",
