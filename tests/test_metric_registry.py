@@ -104,6 +104,7 @@ def test_confidence_drop_is_higher_is_better_as_case_eq_9():
 NOT_METADATA = {
     ("callbacks/caap_sweeps.py", "DEFAULT_METRICS"),
     ("benchmarks/metrics_throughput.py", "calls"),
+    ("benchmarks/faithfulness_correlation_throughput.py", "pairs"),
     ("contrastive_saliency/metrics/functional/__init__.py", "__all__"),
 }
 
