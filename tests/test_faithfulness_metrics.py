@@ -448,3 +448,30 @@ def test_monotonicity_quantus_never_changes_the_image_so_parity_is_with_its_fixe
     fixed = _quantus().Monotonicity(features_in_step=6, perturb_func=insert, disable_warnings=True)
     theirs = np.asarray(fixed(model=random_model, **inputs), float)
     np.testing.assert_array_equal(theirs, ours.numpy())
+
+
+def test_evaluate_py_selects_the_four_metrics_with_their_options(trained_run, tmp_path):
+    """The four metrics by name with options in an evaluate.py config: one finite value per
+    test sample each in ``per_sample.parquet`` (the evaluation passes the batch's index, the
+    model and its perturbation batch size)."""
+    import pandas as pd
+
+    import evaluate
+    from tests.test_evaluation_pipeline import _args
+
+    metrics = (
+        "[{name: faithfulness_correlation, kwargs: {subset_size: 16, num_runs: 6}}, "
+        "{name: faithfulness_estimate, kwargs: {pixels_per_step: 512}}, "
+        "{name: monotonicity, kwargs: {pixels_per_step: 512, baseline: 0.0}}, "
+        "{name: monotonicity_correlation, kwargs: {pixels_per_step: 512, num_samples: 2}}]"
+    )
+    evaluate.main([
+        *_args(trained_run, tmp_path, "faithfulness"), "--evaluation.methods", "[grad_cam]",
+        "--evaluation.targets", "[top1]", "--evaluation.metrics", metrics,
+        "--evaluation.sanity_check", "null", "--evaluation.gallery_size", "0",
+    ])  # fmt: skip
+    frame = pd.read_parquet(tmp_path / "faithfulness" / "per_sample.parquet")
+    for name in NAMES:
+        rows = frame[frame["metric"] == name]
+        assert len(rows) == 7 and rows["value"].notna().all(), name
+        assert rows["value"].between(-1, 1).all(), name
