@@ -10,26 +10,30 @@ softmax probability (``softmax=True``); the defaults are Quantus': the logit for
 faithfulness metrics, the probability for the two monotonicities (as AIX360's
 ``predict_proba``).
 
-* **Faithfulness correlation** (Bhatt, Weller & Moura, IJCAI 2020, Sec. 4.2, "μ_F"; Quantus
-  ``FaithfulnessCorrelation``): for ``num_runs`` random subsets ``S`` of ``subset_size``
-  pixels, the Pearson correlation over the runs of ``Σ_{i∈S} a_i`` and
-  ``f(x) − f(x_{S ← baseline})``. Higher = more faithful, in [−1, 1].
-* **Faithfulness estimate** (Alvarez-Melis & Jaakkola, NeurIPS 2018, Sec. 5; Quantus
-  ``FaithfulnessEstimate``): pixels ranked by ``a`` (descending) in groups of
-  ``pixels_per_step``; each group alone is replaced; the Pearson correlation over the groups of
-  the group's attribution sum and ``f(x) − f(x_{group ← baseline})``. Higher is better.
-* **Monotonicity** (Arya et al. 2019, "AI Explainability 360"; Quantus ``Monotonicity``): start
-  from the all-baseline image and put the original pixels back in groups, least attributed
-  first (ascending ``|a|`` by default); 1 if the class score never decreases from one step to
-  the next (``f_1 ≤ f_2 ≤ … ≤ f_S``, no tolerance), else 0. Higher is better. When every
-  pixel's effect is non-negative (e.g. a linear model with positive contributions) any order
-  is monotone; the map matters only through which pixels share a group.
+* **Faithfulness correlation** (Bhatt, Weller & Moura, "Evaluating and aggregating
+  feature-based model explanations", IJCAI 2020; Quantus ``FaithfulnessCorrelation``): for
+  ``num_runs`` random subsets ``S`` of ``subset_size`` pixels, the Pearson correlation over
+  the runs of ``Σ_{i∈S} a_i`` and ``f(x) − f(x_{S ← baseline})``. Higher = more faithful, in
+  [−1, 1].
+* **Faithfulness estimate** (Alvarez-Melis & Jaakkola, "Towards robust interpretability with
+  self-explaining neural networks", NeurIPS 2018; Quantus ``FaithfulnessEstimate``): pixels
+  ranked by ``a`` (descending) in groups of ``pixels_per_step``; each group alone is replaced;
+  the Pearson correlation over the groups of the group's attribution sum and
+  ``f(x) − f(x_{group ← baseline})``. Higher is better.
+* **Monotonicity** (Arya et al. 2019, "One explanation does not fit all", the AI Explainability
+  360 toolkit; Quantus ``Monotonicity``): start from the all-baseline image and put the
+  original pixels back in groups, least attributed first (ascending ``|a|`` by default); 1 if
+  the class score never decreases from one step to the next (``f_1 ≤ f_2 ≤ … ≤ f_S``, no
+  tolerance), else 0. Higher is better. As in AIX360 and Quantus, ``f_1`` (after the first
+  group) is not compared with the all-baseline image. When every pixel's effect is
+  non-negative (e.g. a linear model with positive contributions) any order is monotone; the
+  map matters through which pixels share a group and which group comes first.
 * **Monotonicity correlation** (Nguyen & Martínez 2020, "On quantitative aspects of model
-  interpretability", Sec. 4; Quantus ``MonotonicityCorrelation``): pixels in groups of
+  interpretability"; Quantus ``MonotonicityCorrelation``): pixels in groups of
   ``pixels_per_step`` (ascending ``|a|``); each group alone is replaced ``num_samples`` times by
   a random baseline value; the Spearman correlation over the groups of the group's attribution
   sum and the mean squared change of the score ``E[(f(x̃) − f(x))²]``. Higher is better.
-  Quantus (as the paper) divides the mean squared change by ``f(x)²``: a positive factor per
+  Quantus divides the mean squared change by ``f(x)²`` (``|f(x)| ≥ eps``): a positive factor per
   sample, which cannot change a rank correlation over that sample's groups, so it is left out.
 
 **Units.** A "feature" here is a pixel: all colour channels of a pixel are replaced together,
