@@ -32,6 +32,10 @@ STREAM_TIE_BREAKING = 2  # tie-break keys of masks and pixel orders (metrics.fun
 STREAM_SHAP_BASELINE = 10
 STREAM_SHAP_ALPHA = 11
 STREAM_SHAP_NOISE = 12
+# Quantus-style faithfulness metrics (contrastive_saliency.metrics.functional.faithfulness):
+# faithfulness correlation's random pixel subsets, the "uniform" perturbation baselines.
+STREAM_PIXEL_SUBSETS = 20
+STREAM_PERTURBATION_BASELINE = 21
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -63,6 +67,39 @@ def index_hash(
     state = _mix32(state ^ _key(stream, device))
     state = _mix32(state ^ _key(indices.long(), device))[:, None]  # [B, 1]
     return _mix32(state ^ _key(positions.long().to(device), device)[None, :])
+
+
+def index_subsets(
+    indices: torch.Tensor,
+    draws: torch.Tensor,
+    num_positions: int,
+    size: int,
+    seed: int = 0,
+    stream: int = STREAM_PIXEL_SUBSETS,
+) -> torch.Tensor:
+    """One uniformly random ``size``-subset of ``range(num_positions)`` per row, ``[P, size]``
+    (int64, in no particular order): row ``r`` is a pure function of ``(seed, stream,
+    indices[r], draws[r])`` — the sample's ``index`` and the number of the draw — so any mix of
+    samples and draws can be generated in any batch.
+
+    The positions are ordered by their hash under a per-row state and the ``size`` largest
+    are kept; the hash is a bijection of the position, so the keys of a row are distinct and
+    the subset has exactly ``size`` distinct positions."""
+    if indices.shape != draws.shape or indices.dim() != 1:
+        raise ValueError(
+            f"indices and draws must be [P] alike, got {tuple(indices.shape)} and "
+            f"{tuple(draws.shape)}"
+        )
+    if not 0 <= size <= num_positions:
+        raise ValueError(f"size must lie in [0, {num_positions}], got {size}")
+    device = indices.device
+    state = _mix32(_key(seed, device) ^ 0x9E3779B9)
+    state = _mix32(state ^ _key(stream, device))
+    state = _mix32(state ^ _key(indices.long(), device))
+    state = _mix32(state ^ _key(draws.long().to(device), device))[:, None]  # [P, 1]
+    positions = torch.arange(num_positions, dtype=torch.int64, device=device)
+    keys = _mix32(state ^ positions[None, :])
+    return torch.topk(keys, size, dim=1, sorted=False).indices
 
 
 def index_uniform(

@@ -80,7 +80,7 @@ def test_evaluation_inputs_pass_the_sample_index_to_tie_broken_metrics():
 
 def test_the_evaluations_choices_are_the_registered_torchmetrics_classes():
     names = list_metrics()
-    assert len(names) == 21
+    assert len(names) == 25
     for name in names:
         cls = metric_class(name)
         assert issubclass(cls, Metric) and issubclass(cls, RegisteredMetric)
@@ -104,6 +104,7 @@ def test_confidence_drop_is_higher_is_better_as_case_eq_9():
 NOT_METADATA = {
     ("callbacks/caap_sweeps.py", "DEFAULT_METRICS"),
     ("benchmarks/metrics_throughput.py", "calls"),
+    ("benchmarks/faithfulness_correlation_throughput.py", "pairs"),
     ("contrastive_saliency/metrics/functional/__init__.py", "__all__"),
 }
 

@@ -17,6 +17,12 @@ from contrastive_saliency.metrics.confidence import (
     IncreaseInConfidence,
     RelativeDrop,
 )
+from contrastive_saliency.metrics.faithfulness import (
+    FaithfulnessCorrelation,
+    FaithfulnessEstimate,
+    Monotonicity,
+    MonotonicityCorrelation,
+)
 from contrastive_saliency.metrics.feature_agreement import FeatureAgreement
 from contrastive_saliency.metrics.localisation import (
     AUPR,
@@ -67,6 +73,8 @@ __all__ = [
     "CurveInfo",
     "DeletionAUC",
     "EnergyPointingGame",
+    "FaithfulnessCorrelation",
+    "FaithfulnessEstimate",
     "FeatureAgreement",
     "GridPointingGame",
     "GridRegionScores",
@@ -76,6 +84,8 @@ __all__ = [
     "LocalisationError",
     "MapSimilarity",
     "MetricInputs",
+    "Monotonicity",
+    "MonotonicityCorrelation",
     "PerSampleValues",
     "PerformanceInformationCurves",
     "PixelFlipping",

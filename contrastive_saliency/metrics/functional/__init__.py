@@ -23,6 +23,12 @@ from contrastive_saliency.metrics.functional.confidence import (
     soft_mask_confidences,
     softmax_scores,
 )
+from contrastive_saliency.metrics.functional.faithfulness import (
+    faithfulness_correlation,
+    faithfulness_estimate,
+    monotonicity,
+    monotonicity_correlation,
+)
 from contrastive_saliency.metrics.functional.feature_agreement import feature_agreement
 from contrastive_saliency.metrics.functional.localisation import (
     aupr,
@@ -42,6 +48,8 @@ from contrastive_saliency.metrics.functional.localisation import (
 from contrastive_saliency.metrics.functional.map_similarity import (
     hog_features,
     hog_similarity,
+    pearson_rows,
+    spearman_rows,
     spearman_similarity,
     ssim_similarity,
 )
@@ -101,6 +109,8 @@ __all__ = [
     "deletion_curve",
     "drop_increase_gain",
     "energy_pointing_game",
+    "faithfulness_correlation",
+    "faithfulness_estimate",
     "feature_agreement",
     "grid_cell_masks",
     "grid_pointing_game",
@@ -118,6 +128,9 @@ __all__ = [
     "mask_top_pixels",
     "masked_confidences",
     "min_max_normalise",
+    "monotonicity",
+    "monotonicity_correlation",
+    "pearson_rows",
     "perturbation_curve",
     "pic_curves",
     "pixel_flipping",
@@ -136,6 +149,7 @@ __all__ = [
     "soft_mask_confidences",
     "softmax_scores",
     "sparseness",
+    "spearman_rows",
     "spearman_similarity",
     "ssim_similarity",
     "top_k_intersection",

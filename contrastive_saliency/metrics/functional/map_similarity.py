@@ -96,6 +96,19 @@ def _pearson_rows(x: torch.Tensor, y: torch.Tensor, constant_value: float) -> to
     return torch.where(defined, correlation.clamp(-1, 1), constant_value)
 
 
+def pearson_rows(a: torch.Tensor, b: torch.Tensor, constant_value: float = 0.0) -> torch.Tensor:
+    """Pearson correlation of each row pair of ``[B, ...]`` tensors (flattened), ``[B]``, in
+    float64 (float32 on MPS) — equal to ``scipy.stats.pearsonr(a_i, b_i)``. A row without
+    variance gives ``constant_value`` instead of NaN; a NaN in a row gives ``constant_value``
+    too, so callers that must propagate NaN mask it themselves."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.dim() < 2:
+        raise ValueError(f"inputs must be batched [B, ...], got shape {tuple(a.shape)}")
+    dtype = _work_dtype(a.device)
+    return _pearson_rows(a.flatten(1).to(dtype), b.flatten(1).to(dtype), constant_value)
+
+
 def spearman_rows(a: torch.Tensor, b: torch.Tensor, constant_value: float = 0.0) -> torch.Tensor:
     """Spearman rank correlation of each row pair of ``[B, ...]`` tensors (flattened), ``[B]``.
 
