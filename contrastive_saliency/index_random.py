@@ -32,6 +32,7 @@ STREAM_TIE_BREAKING = 2  # tie-break keys of masks and pixel orders (metrics.fun
 STREAM_SHAP_BASELINE = 10
 STREAM_SHAP_ALPHA = 11
 STREAM_SHAP_NOISE = 12
+STREAM_SENSITIVITY = 20  # Max-/Avg-Sensitivity's input noise (metrics.functional.sensitivity)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -54,11 +54,13 @@ from contrastive_saliency.metrics.registry import (
 )
 from contrastive_saliency.metrics.representation import ChannelActivity
 from contrastive_saliency.metrics.sanity_checks import MapSimilarity
+from contrastive_saliency.metrics.sensitivity import AvgSensitivity, MaxSensitivity
 
 __all__ = [
     "AUPR",
     "AverageDrop",
     "AverageGain",
+    "AvgSensitivity",
     "ChannelActivity",
     "Complexity",
     "ConfidenceDrop",
@@ -73,6 +75,7 @@ __all__ = [
     "InsertionMinusDeletion",
     "LocalisationError",
     "MapSimilarity",
+    "MaxSensitivity",
     "MetricInputs",
     "PerSampleValues",
     "PerformanceInformationCurves",

@@ -66,6 +66,11 @@ from contrastive_saliency.metrics.functional.representation import (
     classifier_weight_similarity,
     cosine_similarity_matrix,
 )
+from contrastive_saliency.metrics.functional.sensitivity import (
+    avg_sensitivity,
+    max_sensitivity,
+    sensitivity_samples,
+)
 
 __all__ = [
     "ClassChannelActivity",
@@ -76,6 +81,7 @@ __all__ = [
     "average_drop",
     "average_gain",
     "average_precision",
+    "avg_sensitivity",
     "boxes_to_masks",
     "cascading_randomisation",
     "channel_activity",
@@ -104,6 +110,7 @@ __all__ = [
     "localisation_error",
     "mask_top_pixels",
     "masked_confidences",
+    "max_sensitivity",
     "min_max_normalise",
     "perturbation_curve",
     "pic_curves",
@@ -115,6 +122,7 @@ __all__ = [
     "relative_drop",
     "relevance_rank_accuracy",
     "resolve_randomisation_order",
+    "sensitivity_samples",
     "soft_mask_confidences",
     "softmax_scores",
     "sparseness",
