@@ -76,14 +76,11 @@ def sensitivity_noise(
     indices: torch.Tensor, draws: torch.Tensor, shape: tuple[int, ...], radius: float, seed: int
 ) -> torch.Tensor:
     """The noise ``[N, *shape]`` of draw ``draws[n]`` of the sample with index ``indices[n]``:
-    uniform in ``[−radius, radius)``, a pure function of ``(seed, index, draw)``."""
-    size = math.prod(shape)
-    noise = torch.empty((indices.shape[0], *shape), device=indices.device)
-    for draw in draws.unique().tolist():
-        rows = (draws == draw).nonzero()[:, 0]
-        uniform = index_uniform(indices[rows], shape, seed, STREAM_SENSITIVITY, start=draw * size)
-        noise[rows] = (2.0 * uniform - 1.0) * radius
-    return noise
+    uniform in ``[−radius, radius)``, a pure function of ``(seed, index, draw)``: positions
+    ``draw · size … (draw + 1) · size − 1`` of the sample's stream, which must end below 2³²."""
+    start = draws.to(indices.device).long() * math.prod(shape)  # < 2³²: sensitivity_samples
+    uniform = index_uniform(indices, shape, seed, STREAM_SENSITIVITY, start=start)
+    return (2.0 * uniform - 1.0) * radius
 
 
 def sensitivity_samples(
@@ -112,6 +109,11 @@ def sensitivity_samples(
         raise ValueError(
             f"images, maps, classes and indices must share the batch size; got "
             f"{count}, {maps.shape[0]}, {classes.shape[0]}, {indices.shape[0]}"
+        )
+    if nr_samples * images[0].numel() > 2**32:
+        raise ValueError(
+            f"nr_samples={nr_samples} draws of {images[0].numel()} values exceed the 2³² "
+            "positions of a sample's noise stream; use fewer nr_samples"
         )
     indices = indices.to(images.device)
     maps = maps.detach()
