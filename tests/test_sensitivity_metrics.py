@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from contrastive_saliency.errors import ConfigurationError
+from contrastive_saliency.index_random import STREAM_SENSITIVITY, index_uniform
 from contrastive_saliency.methods import create_method
 from contrastive_saliency.metrics import create_metric, metric_class
 from contrastive_saliency.metrics.functional import (
@@ -99,6 +100,14 @@ def test_the_noise_is_uniform_in_the_ball_and_a_function_of_index_and_draw():
     torch.testing.assert_close(again[0], noise[0])
     other_seed = sensitivity_noise(torch.tensor([0]), torch.tensor([0]), (3, 32, 32), 0.2, seed=1)
     assert not torch.equal(other_seed[0], noise[0])
+    # one call with a start per row draws what index_uniform draws piece by piece
+    rows = index_uniform(
+        indices, (3, 32, 32), 0, STREAM_SENSITIVITY, start=torch.tensor([0, 0, 1]) * 3072
+    )
+    first = index_uniform(indices[:2], (3, 32, 32), 0, STREAM_SENSITIVITY, start=0)
+    second = index_uniform(indices[2:], (3, 32, 32), 0, STREAM_SENSITIVITY, start=3072)
+    torch.testing.assert_close(rows, torch.cat([first, second]), rtol=0, atol=0)
+    torch.testing.assert_close(noise, (2 * rows - 1) * 0.2)
 
 
 def test_radius_zero_gives_zero_for_a_gradient_method():
