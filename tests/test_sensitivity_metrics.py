@@ -6,6 +6,7 @@ study through the real evaluation pipeline."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -243,8 +244,8 @@ def _quantus_parity(quantus_name: str, reduce) -> None:
 
     ours = reduce(explain, images, maps, targets[:, None], indices, nr_samples=draws, radius=radius)
     theirs = np.asarray(theirs, np.float64)
-    # Grad-CAM's ReLU may zero a map, and every re-explained one: 0/0, which scores 0 here
-    # (nothing changed) and NaN in Quantus (its nanmax / nanmean of NaNs)
+    # Grad-CAM's ReLU can zero a map (none on this seeded model): 0/0 scores 0 here and NaN in
+    # Quantus, the difference test_an_all_zero_map_that_stays_zero_... checks directly
     zero = (maps.flatten(1) == 0).all(dim=1).numpy()
     assert zero.sum() <= 2
     assert (ours[zero] == 0).all() and np.isnan(theirs[zero]).all()
@@ -258,6 +259,42 @@ def test_max_sensitivity_matches_quantus_on_the_same_draws():
 
 def test_avg_sensitivity_matches_quantus_on_the_same_draws():
     _quantus_parity("AvgSensitivity", avg_sensitivity)
+
+
+def test_an_all_zero_map_that_stays_zero_is_nan_in_quantus_and_zero_here():
+    """The documented difference: 0/0 draws are NaN in Quantus (its nanmax of NaNs is NaN);
+    here the map did not change, so 0. A map that becomes non-zero: inf in both. (Quantus
+    refuses a batch whose maps are all zero, so sample 2 keeps a constant non-zero map.)"""
+    quantus = pytest.importorskip("quantus")
+    images, targets = _images(batch=3), np.zeros(3, dtype=int)
+    original = np.zeros((3, 1, 8, 8), np.float32)
+    original[2] = 0.5
+
+    def quantus_explain(model, inputs, targets, **kwargs):
+        out = original.copy()
+        out[1] = 1.0  # sample 1's map moves off zero
+        return out
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    metric = quantus.MaxSensitivity(nr_samples=2, disable_warnings=True)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's "All-NaN slice"
+        theirs = metric(
+            model=model, x_batch=images.numpy(), y_batch=targets, a_batch=original,
+            explain_func=quantus_explain, device="cpu",
+        )  # fmt: skip
+    assert np.isnan(theirs[0]) and theirs[1] == np.inf and theirs[2] == 0.0
+
+    maps = torch.from_numpy(original)
+
+    def explain(perturbed, chosen, rows):
+        out = maps[rows].clone()
+        out[rows == 1] = 1.0
+        return out
+
+    classes = torch.zeros(3, 1, dtype=torch.long)
+    ours = max_sensitivity(explain, images, maps, classes, torch.arange(3), nr_samples=2)
+    assert ours.tolist() == [0.0, math.inf, 0.0]
 
 
 def test_registered_classes_share_the_draws_and_need_an_explain_function():
