@@ -44,6 +44,7 @@ from callbacks.explained_model import (
 from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.methods.caap import CAAP, SELECTIONS, check_layers
 from contrastive_saliency.metrics.registry import (
+    FAMILIES,
     MetricInputs,
     RegisteredMetric,
     create_metric,
@@ -315,7 +316,7 @@ class CAAPSweepCallback(L.Callback):
             maps = method(images, classes)
             inputs = MetricInputs(
                 model=network, images=images, maps=maps, classes=classes, logits=logits,
-                batch=batch,
+                batch=batch, explain=lambda x, c, rows, method=method: method(x, c),
             )  # fmt: skip
             for spec in self._active_specs:
                 metric = self._metrics[SweepMetric(variant, spec.label)]
@@ -452,10 +453,10 @@ def _described(metric: str, known: Described | None) -> tuple[type[RegisteredMet
 
 
 def _family(metric: str, known: Described | None = None) -> str:
-    """``faithfulness`` (perturbation metrics) or ``localisation`` (against annotations) of a
-    value name, as its metric class declares."""
+    """The family of a value name as its metric class declares (``faithfulness``,
+    ``localisation``, ``robustness``, ...); ``localisation`` for an unknown name."""
     described = _described(metric, known)
-    return "faithfulness" if described and described[0].family == "faithfulness" else "localisation"
+    return described[0].family if described else "localisation"
 
 
 def _value_text(metric: str, known: Described | None = None) -> tuple[str, str]:
@@ -477,10 +478,7 @@ def build_cutoff_figure(
     """CAAP Fig. 7: each metric's mean (95 % CI band) vs the last intervened layer, the default
     ⌈2L/3⌉ marked; faithfulness (the figure's metrics) and localisation in separate panels."""
     metrics = list(dict.fromkeys(table["metric"]))
-    families = {
-        family: [m for m in metrics if _family(m, known) == family]
-        for family in ("faithfulness", "localisation")
-    }
+    families = {family: [m for m in metrics if _family(m, known) == family] for family in FAMILIES}
     families = {family: chosen for family, chosen in families.items() if chosen}
     figure = Figure(figsize=(9.0, 3.4 * len(families) + 1.0), layout="constrained")
     axes = figure.subplots(len(families), 1, sharex=True, squeeze=False)[:, 0]

@@ -36,6 +36,7 @@ STREAM_SHAP_NOISE = 12
 # faithfulness correlation's random pixel subsets, the "uniform" perturbation baselines.
 STREAM_PIXEL_SUBSETS = 20
 STREAM_PERTURBATION_BASELINE = 21
+STREAM_SENSITIVITY = 22  # Max-/Avg-Sensitivity's input noise (metrics.functional.sensitivity)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -60,12 +61,16 @@ def index_hash(
     """32-bit hashes ``[B, P]`` (int64 in ``[0, 2³²)``) of every (sample index, position) pair.
 
     ``indices`` ``[B]`` are the samples' ``index``; ``positions`` ``[P]`` number the draws within
-    a sample (pixels, classes). ``seed`` selects the run, ``stream`` the purpose (so two
-    consumers with the same seed draw independent values)."""
+    a sample (pixels, classes), the same for every sample, or ``[B, P]``, each sample's own
+    (these must lie in ``[0, 2³²)``, where they hash as the ``[P]`` form does; they are taken
+    modulo 2³², which saves the folding pass). ``seed`` selects the run, ``stream`` the purpose
+    (so two consumers with the same seed draw independent values)."""
     device = indices.device
     state = _mix32(_key(seed, device) ^ 0x9E3779B9)
     state = _mix32(state ^ _key(stream, device))
     state = _mix32(state ^ _key(indices.long(), device))[:, None]  # [B, 1]
+    if positions.dim() == 2:
+        return _mix32(state ^ (positions.long().to(device) & _MASK32))
     return _mix32(state ^ _key(positions.long().to(device), device)[None, :])
 
 
@@ -107,13 +112,19 @@ def index_uniform(
     shape: tuple[int, ...],
     seed: int = 0,
     stream: int = 0,
-    start: int = 0,
+    start: int | torch.Tensor = 0,
 ) -> torch.Tensor:
     """Uniform values in ``[0, 1)``, ``[B, *shape]`` float32: position ``start + p`` (``p`` in
     raster order) of sample ``indices[b]`` depends only on ``(seed, stream, indices[b],
-    start + p)``, so a long stream can be drawn in consecutive pieces (``start``)."""
+    start + p)``, so a long stream can be drawn in consecutive pieces (``start``; a tensor
+    ``[B]`` gives each row its own start, so rows of different pieces come in one call; then
+    ``start + count`` must not exceed 2³²)."""
     count = math.prod(shape)
-    positions = torch.arange(start, start + count, device=indices.device)
+    positions = torch.arange(count, device=indices.device)
+    if torch.is_tensor(start):
+        positions = start.to(indices.device).long().reshape(-1, 1) + positions
+    else:
+        positions = positions + start
     bits = index_hash(indices.reshape(-1), positions, seed, stream) >> 8
     return (bits.float() / float(1 << 24)).view(indices.numel(), *shape)
 

@@ -20,6 +20,7 @@ from callbacks.evaluation.spec import MethodSpec, matrix_contrast_selectors, res
 from callbacks.evaluation.target_policies import column_classes, correct_rows
 from contrastive_saliency.layers import layer_path
 from contrastive_saliency.metrics.registry import (
+    Explainer,
     MetricInputs,
     RegisteredMetric,
     create_metric,
@@ -63,6 +64,23 @@ class _Combination:
         batch = batch or {}
         fields = {name: batch[name] for name in self.batch_fields if name in batch}
         return self.method(images, classes, **fields, **kwargs)
+
+    def explainer(self, batch: dict[str, Any]) -> Explainer:
+        """The method on other images for the metrics that re-explain
+        (:attr:`MetricInputs.explain`): ``rows`` picks each image's batch fields."""
+        fields = {name: batch[name] for name in self.batch_fields if name in batch}
+        size = batch["image"].shape[0]
+
+        def explain(images: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor):
+            chosen = {
+                name: value[rows.to(value.device)]
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == size
+                else value
+                for name, value in fields.items()
+            }
+            return self.method(images, classes, **chosen)
+
+        return explain
 
 
 class EvaluationEngine:
@@ -172,6 +190,8 @@ class EvaluationEngine:
         columns = self._columns(batch)
         classes = torch.stack([column_classes(c, logits, batch) for c in columns], dim=1)
         self._batch_maps: dict[tuple[str, str], torch.Tensor] = {}
+        # metrics that re-run the method on perturbed images get it (MetricInputs.explain)
+        explaining = any(metric_class(s.name).needs_explainer for s in self.metric_specs)
         autocast = (
             torch.autocast("cuda", dtype=torch.float16)
             if self.autocast
@@ -186,6 +206,7 @@ class EvaluationEngine:
                     inputs = MetricInputs(
                         model=network, images=images, maps=maps[:, chosen],
                         classes=classes[:, chosen], logits=logits, batch=batch,
+                        explain=combination.explainer(batch) if explaining else None,
                     )  # fmt: skip
                     key = (combination.spec.label, combination.layer, policy.name)
                     for spec in self.metric_specs:

@@ -61,12 +61,14 @@ from contrastive_saliency.metrics.registry import (
 )
 from contrastive_saliency.metrics.representation import ChannelActivity
 from contrastive_saliency.metrics.sanity_checks import MapSimilarity
+from contrastive_saliency.metrics.sensitivity import AvgSensitivity, MaxSensitivity
 
 __all__ = [
     "AUPR",
     "IROF",
     "AverageDrop",
     "AverageGain",
+    "AvgSensitivity",
     "ChannelActivity",
     "Complexity",
     "ConfidenceDrop",
@@ -83,6 +85,7 @@ __all__ = [
     "InsertionMinusDeletion",
     "LocalisationError",
     "MapSimilarity",
+    "MaxSensitivity",
     "MetricInputs",
     "Monotonicity",
     "MonotonicityCorrelation",

@@ -10,12 +10,16 @@ tables and plots, the CAAP sweeps' "best variant") takes it from there:
 - ``higher_is_better``: the direction of a better map;
 - ``title`` (and ``outputs``: value-name suffix → title, for a metric with several values such
   as AUPR₁ / AUPR₀); the class docstring says what it measures and cites the paper;
-- ``family``: ``class_sensitivity``, ``faithfulness`` or ``localisation``;
+- ``family``: ``class_sensitivity``, ``faithfulness``, ``localisation``, ``complexity`` or
+  ``robustness``;
 - ``target_kind``: the kind of target policy whose maps it scores (``pair``: two maps of one
   image, ``random_pair``: the top-1 map and a random other class's, ``single``: one map,
   ``grid``: one map per cell of a grid image);
 - ``needs``: the batch keys it reads, plus its ``mask_key`` option where it has one (``mask``,
   ``part_mask``, ``boxes``);
+- ``needs_explainer``: True for a metric that re-runs the evaluated method on other images
+  (Max-/Avg-Sensitivity): it reads :attr:`MetricInputs.explain`, which the evaluation sets from
+  the (method, layer) it evaluates;
 - its options: the keyword parameters of ``__init__`` (except ``batch_size``, which the
   evaluation sets, and those in ``internal_options``), with ``choices`` for the ones that take
   one of a few values;
@@ -43,8 +47,11 @@ from contrastive_saliency.errors import ConfigurationError, closest
 from contrastive_saliency.metrics.per_sample import SampleMetric
 
 TARGET_KINDS = ("pair", "random_pair", "single", "grid")
-FAMILIES = ("class_sensitivity", "faithfulness", "localisation", "complexity")
-EVALUATION_SET = ("batch_size",)  # set by the evaluation (perturbation_batch_size), no option
+FAMILIES = ("class_sensitivity", "faithfulness", "localisation", "complexity", "robustness")
+EVALUATION_SET = ("batch_size",)
+Explainer = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor
+]  # set by the evaluation (perturbation_batch_size), no option
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,11 @@ class MetricInputs:
     map, the cells of a grid); ``classes``: ``[B, C]`` the explained classes; ``logits`` of
     the unperturbed ``images``; ``batch``: the datamodule's batch (rows already selected);
     ``cache``: shared by the metrics of one (method, layer, policy) on one batch, so a
-    perturbation curve that several metrics read is computed once.
+    perturbation curve that several metrics read is computed once; ``explain``: the evaluated
+    method at its layer, for metrics that re-explain other images (``needs_explainer``), as
+    ``explain(images [N, C, H, W], classes [N, K], rows [N]) → maps [N, K, H, W]`` where
+    ``rows[n]`` is the row of ``batch`` that image ``n`` stands for (its batch fields, e.g. the
+    ``index`` of a seeded method, go with it); ``None`` where no method can be re-run.
     """
 
     model: nn.Module | None
@@ -76,6 +87,19 @@ class MetricInputs:
     logits: torch.Tensor | None
     batch: Mapping[str, Any]
     cache: dict[str, Any] = field(default_factory=dict)
+    explain: Explainer | None = None
+
+    def explainer(self, metric: str) -> Explainer:
+        """:attr:`explain`, or a :class:`ConfigurationError` naming ``metric`` when it is
+        ``None``."""
+        if self.explain is None:
+            raise ConfigurationError(
+                f"metric {metric!r} re-explains perturbed images, but these inputs carry no "
+                "explain function (MetricInputs.explain is None); run it in an evaluate.py "
+                "study, which sets it from the evaluated method and layer, or pass "
+                "explain=lambda images, classes, rows: method(images, classes)"
+            )
+        return self.explain
 
     @property
     def index(self) -> torch.Tensor:
@@ -103,6 +127,7 @@ class RegisteredMetric(SampleMetric):
     family: ClassVar[str] = ""
     target_kind: ClassVar[str] = "single"
     needs: ClassVar[tuple[str, ...]] = ()
+    needs_explainer: ClassVar[bool] = False
     outputs: ClassVar[Mapping[str, str]] = {}  # value-name suffix → title; {"": title} if empty
     curves: ClassVar[tuple[CurveInfo, ...]] = ()
     choices: ClassVar[Mapping[str, tuple[Any, ...]]] = {}

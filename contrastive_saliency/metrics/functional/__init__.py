@@ -84,6 +84,11 @@ from contrastive_saliency.metrics.functional.representation import (
     classifier_weight_similarity,
     cosine_similarity_matrix,
 )
+from contrastive_saliency.metrics.functional.sensitivity import (
+    avg_sensitivity,
+    max_sensitivity,
+    sensitivity_samples,
+)
 
 __all__ = [
     "ClassChannelActivity",
@@ -95,6 +100,7 @@ __all__ = [
     "average_drop",
     "average_gain",
     "average_precision",
+    "avg_sensitivity",
     "boxes_to_masks",
     "cascading_randomisation",
     "channel_activity",
@@ -127,6 +133,7 @@ __all__ = [
     "localisation_error",
     "mask_top_pixels",
     "masked_confidences",
+    "max_sensitivity",
     "min_max_normalise",
     "monotonicity",
     "monotonicity_correlation",
@@ -145,6 +152,7 @@ __all__ = [
     "relative_drop",
     "relevance_rank_accuracy",
     "resolve_randomisation_order",
+    "sensitivity_samples",
     "slic_segments",
     "soft_mask_confidences",
     "softmax_scores",
