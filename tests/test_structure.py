@@ -220,9 +220,9 @@ def _imports_lightning(path: Path) -> int | None:
 
 def test_the_evaluation_engine_and_its_checks_need_no_lightning():
     """The evaluation package's engine (methods, per-batch maps and metrics), specs, target
-    policies, config checks, sanity check, result assembly and tables import no Lightning,
-    neither themselves nor through any product module they import; only ``callback.py`` (the
-    hooks) does."""
+    policies, config checks, sanity check, result keys, result assembly and tables import no
+    Lightning, neither themselves nor through any product module they import; only
+    ``callback.py`` (the hooks) does."""
     modules = product_modules(REPO)
     graph: dict[str, list[str]] = {}
     for edge in import_graph(REPO):
@@ -237,6 +237,7 @@ def test_the_evaluation_engine_and_its_checks_need_no_lightning():
         "target_policies",
         "tables",
         "randomisation",
+        "keys",
     ]
     for root in roots:
         seen, todo = set(), [f"callbacks.evaluation.{root}"]
