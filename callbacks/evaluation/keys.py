@@ -7,7 +7,11 @@ The gallery's keys are :class:`callbacks.report.gallery.GalleryKey`."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from contrastive_saliency.metrics.registry import RegisteredMetric
 
 
 class MapsKey(NamedTuple):
@@ -44,3 +48,14 @@ class CurveKey(NamedTuple):
     layer: str
     target_policy: str
     curve: str
+
+
+def value_keys(metrics: Mapping[MetricKey, RegisteredMetric]) -> list[MetricKey]:
+    """The key of every per-sample value that ``metrics`` (metric label → state) give, one per
+    value name of each state (``aupr`` gives ``aupr1`` and ``aupr0``), in the states' order. Read
+    from the configuration, not from the values, so every process gets the same keys."""
+    return [
+        MetricKey(*key[:3], name)
+        for key, state in metrics.items()
+        for name in state.labelled_names(key[3])
+    ]
