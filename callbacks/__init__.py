@@ -1,4 +1,5 @@
-"""Lightning callbacks: confusion matrix, saliency evaluation."""
+"""Lightning callbacks: confusion matrix, the saliency evaluation (:mod:`callbacks.evaluation`)
+and the papers' analyses (:mod:`callbacks.analyses`)."""
 
 from callbacks.confusion_matrix import ConfusionMatrixCallback
 

@@ -1,7 +1,7 @@
 """CASE Fig. 6: channel activity across architectures, one KDE per (run, layer) in one figure.
 
 Each run directory must hold ``analyses/channel_activity/per_class.csv``, written by
-:class:`callbacks.channel_activity.ChannelActivityCallback` during ``evaluate.py`` (e.g.
+:class:`callbacks.analyses.channel_activity.ChannelActivityCallback` during ``evaluate.py`` (e.g.
 ``configs/experiment/case_imagenet_*.yaml``). Curves are labelled by the run's model and data
 (``config.yaml``; :mod:`experiments.run_labels`) or ``--labels``.
 
@@ -27,7 +27,7 @@ def _read(run_dir: Path, name: str, table: str) -> pd.DataFrame:
     path = Path(run_dir) / "analyses" / name / f"{table}.csv"
     if not path.is_file():
         raise SystemExit(
-            f"{path} not found: evaluate the run with callbacks.channel_activity."
+            f"{path} not found: evaluate the run with callbacks.analyses.channel_activity."
             f"ChannelActivityCallback (e.g. configs/experiment/case_layer_ablation_shapes.yaml) "
             f"or pass --name if the analysis has another name"
         )
@@ -35,7 +35,7 @@ def _read(run_dir: Path, name: str, table: str) -> pd.DataFrame:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from callbacks.channel_activity import (
+    from callbacks.analyses.channel_activity import (
         build_channel_activity_figure,
         kde_series,
         summarise_per_class,

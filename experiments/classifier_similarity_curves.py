@@ -1,8 +1,8 @@
 """Finer-CAM Fig. 1 (left) across runs: several classifiers' sorted weight-similarity curves.
 
 Each run directory must hold ``analyses/classifier_similarity/curve.csv``, written by
-:class:`callbacks.classifier_similarity.ClassifierSimilarityCallback` during ``evaluate.py``
-(e.g. ``configs/experiment/finer_cam_weight_similarity_*.yaml``). Fig. 1 overlays the CLIP
+:class:`callbacks.analyses.classifier_similarity.ClassifierSimilarityCallback` during
+``evaluate.py`` (e.g. ``configs/experiment/finer_cam_weight_similarity_*.yaml``). Fig. 1 overlays the CLIP
 linear probes of three fine-grained datasets; curves are labelled by the run's model and data
 (``config.yaml``; :mod:`experiments.run_labels`) or ``--labels``.
 
@@ -24,7 +24,7 @@ ANALYSIS = "classifier_similarity"
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    from callbacks.classifier_similarity import SimilaritySeries, build_similarity_figure
+    from callbacks.analyses.classifier_similarity import SimilaritySeries, build_similarity_figure
     from callbacks.report.plots import save_figure
     from experiments.run_labels import run_label
 
@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         path = run / "analyses" / args.name / "curve.csv"
         if not path.is_file():
             raise SystemExit(
-                f"{path} not found: evaluate the run with callbacks.classifier_similarity."
+                f"{path} not found: evaluate the run with callbacks.analyses.classifier_similarity."
                 f"ClassifierSimilarityCallback (e.g. configs/experiment/"
                 f"finer_cam_weight_similarity_shapes.yaml) or pass --name"
             )

@@ -1,4 +1,4 @@
-"""CAAPSweepCallback (callbacks/caap_sweeps.py): CAAP Figs. 5 and 7. Its per-sample values
+"""CAAPSweepCallback (callbacks/analyses/caap_sweeps.py): CAAP Figs. 5 and 7. Its per-sample values
 equal the method plus the functional metrics called directly on the same samples (parity), the
 full-depth cutoff equals a plain caap call over all layers, duplicated indices count once, bad
 cutoffs / operators / metrics fail with specific errors, the plots are readable; one real
@@ -17,7 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
 import contrastive_saliency.methods.caap  # noqa: F401  (registers "caap")
-from callbacks.caap_sweeps import CAAPSweepCallback
+from callbacks.analyses.caap_sweeps import CAAPSweepCallback
 from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.methods import create_method
 from contrastive_saliency.metrics import functional as M

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import evaluate
-from callbacks.channel_activity import (
+from callbacks.analyses.channel_activity import (
     ChannelActivityCallback,
     KdeSeries,
     build_channel_activity_figure,
@@ -228,7 +228,7 @@ def test_evaluate_run_writes_channel_activity_of_the_configured_layers(
     config.write_text(
         "trainer:\n"
         "  callbacks:\n"
-        "    - class_path: callbacks.channel_activity.ChannelActivityCallback\n"
+        "    - class_path: callbacks.analyses.channel_activity.ChannelActivityCallback\n"
         "      init_args:\n"
         "        layers: [features.3, features.2.2.0]\n"
         "        correct_only: false\n"

@@ -135,7 +135,7 @@ def test_evaluate_run_publishes_the_similarity_of_the_checkpoint_classifier(trai
     config.write_text(
         "trainer:\n"
         "  callbacks:\n"
-        "    - class_path: callbacks.classifier_similarity.ClassifierSimilarityCallback\n"
+        "    - class_path: callbacks.analyses.classifier_similarity.ClassifierSimilarityCallback\n"
         "      init_args: {max_rank: 5}\n"
         "evaluation:\n"
         "  methods: [grad_cam]\n"

@@ -1,7 +1,7 @@
-"""ClusCAMSelectionCallback (callbacks/cluscam_selection.py): ClusCAM Alg. 2, Alg. 3 and Eq. 10
-on the evaluated test samples. Its selection equals select_hyperparameters on the same images
-(parity), counts every sample once whatever the duplicates, compares with Table 3, publishes
-readable plots; one real evaluate.py run of the shapes twin config."""
+"""ClusCAMSelectionCallback (callbacks/analyses/cluscam_selection.py): ClusCAM Alg. 2, Alg. 3
+and Eq. 10 on the evaluated test samples. Its selection equals select_hyperparameters on the
+same images (parity), counts every sample once whatever the duplicates, compares with Table 3,
+publishes readable plots; one real evaluate.py run of the shapes twin config."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from callbacks.cluscam_selection import ClusCAMSelectionCallback
+from callbacks.analyses.cluscam_selection import ClusCAMSelectionCallback
 from contrastive_saliency.cluscam_selection import select_hyperparameters, selection_from_scores
 from contrastive_saliency.errors import ConfigurationError
 from tests.tiny_models import TinyCAMNet

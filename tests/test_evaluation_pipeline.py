@@ -352,6 +352,70 @@ def test_callback_watches_explanations_during_training(tmp_path):
     assert len(values) == 1 and 0.0 <= values.item() <= 1.0
 
 
+def test_training_and_evaluation_name_a_value_alike_in_wandb(tmp_path, monkeypatch):
+    """The names the callback logs its means under while a model trains are the evaluation's
+    W&B summary names of the same (method, layer, target policy, metric): one rule
+    (``wandb_keys``). With two layers and one target policy the two old rules differed:
+    input_x_gradient (layer-free: its metric at one layer and policy) was
+    ``eval/input_x_gradient/input/top1_vs_top2/feature_agreement`` while training and
+    ``eval/input_x_gradient/feature_agreement`` in the evaluation."""
+    study = {
+        "methods": "[grad_cam, input_x_gradient]",
+        "layers": "[features.3, features.2]",
+        "targets": "[top1_vs_top2]",
+        "metrics": "[feature_agreement]",
+    }
+    config = tmp_path / "watch.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  callbacks:\n"
+        "    - class_path: callbacks.evaluation.SaliencyEvaluationCallback\n"
+        "      init_args:\n"
+        + "".join(f"        {name}: {value}\n" for name, value in study.items())
+        + "        every_n_epochs: 1\n"
+        "        validation_batches: 1\n"
+    )
+    train.main([*tiny_train_args(tmp_path, "watch", 0), "--config", str(config)])
+    metrics = pd.read_csv(tmp_path / "watch" / "metrics.csv")
+    trained = {column for column in metrics.columns if column.startswith("eval/")}
+
+    wandb_run = _capture_wandb(monkeypatch)
+    options = [arg for name, value in study.items() for arg in (f"--evaluation.{name}", value)]
+    evaluate.main([*_args(tmp_path / "watch", tmp_path, "evaluated", "offline"), *options])
+    evaluated = {
+        key
+        for key, value in wandb_run["summary"].items()
+        if key.startswith("eval/") and isinstance(value, float) and not key.endswith("_p")
+    }
+    assert (
+        trained
+        == evaluated
+        == {
+            "eval/grad_cam/features.3/top1_vs_top2/feature_agreement",
+            "eval/grad_cam/features.2/top1_vs_top2/feature_agreement",
+            "eval/input_x_gradient/feature_agreement",
+        }
+    )
+
+
+def test_wandb_keys_shorten_a_method_metric_found_at_one_layer_and_policy():
+    from callbacks.evaluation.keys import MetricKey
+    from callbacks.evaluation.wandb_logging import wandb_keys
+
+    values = [
+        MetricKey("cam", "a", "top1", "deletion_auc"),
+        MetricKey("cam", "b", "top1", "deletion_auc"),
+        MetricKey("cam", "a", "top1_vs_top2", "feature_agreement"),
+        MetricKey("grad", "input", "top1", "deletion_auc"),
+    ]
+    assert list(wandb_keys(values).values()) == [
+        "eval/cam/a/top1/deletion_auc",
+        "eval/cam/b/top1/deletion_auc",
+        "eval/cam/feature_agreement",
+        "eval/grad/deletion_auc",
+    ]
+
+
 def test_metric_options_are_checked_by_name_and_value():
     from callbacks.evaluation.spec import parse_metrics
     from contrastive_saliency.errors import ConfigurationError

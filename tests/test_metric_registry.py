@@ -102,7 +102,7 @@ def test_confidence_drop_is_higher_is_better_as_case_eq_9():
 # Literals naming metrics that are not metadata: which metrics run by default, what a
 # benchmark times, what a package exports.
 NOT_METADATA = {
-    ("callbacks/caap_sweeps.py", "DEFAULT_METRICS"),
+    ("callbacks/analyses/caap_sweeps.py", "DEFAULT_METRICS"),
     ("benchmarks/metrics_throughput.py", "calls"),
     ("benchmarks/faithfulness_correlation_throughput.py", "pairs"),
     ("contrastive_saliency/metrics/functional/__init__.py", "__all__"),

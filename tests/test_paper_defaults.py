@@ -13,7 +13,7 @@ import yaml
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
-from callbacks.caap_sweeps import CAAPSweepCallback
+from callbacks.analyses.caap_sweeps import CAAPSweepCallback
 from callbacks.evaluation import SaliencyEvaluationCallback
 from callbacks.evaluation.spec import resolve_selectors
 from callbacks.explained_model import data_normalisation

@@ -220,9 +220,9 @@ def _imports_lightning(path: Path) -> int | None:
 
 def test_the_evaluation_engine_and_its_checks_need_no_lightning():
     """The evaluation package's engine (methods, per-batch maps and metrics), specs, target
-    policies, config checks, sanity check, result assembly and tables import no Lightning,
-    neither themselves nor through any product module they import; only ``callback.py`` (the
-    hooks) does."""
+    policies, config checks, sanity check, result keys, result assembly and tables import no
+    Lightning, neither themselves nor through any product module they import; only
+    ``callback.py`` (the hooks) does."""
     modules = product_modules(REPO)
     graph: dict[str, list[str]] = {}
     for edge in import_graph(REPO):
@@ -237,6 +237,7 @@ def test_the_evaluation_engine_and_its_checks_need_no_lightning():
         "target_policies",
         "tables",
         "randomisation",
+        "keys",
     ]
     for root in roots:
         seen, todo = set(), [f"callbacks.evaluation.{root}"]
@@ -253,3 +254,27 @@ def test_the_evaluation_engine_and_its_checks_need_no_lightning():
     assert "callbacks.evaluation.spec" in walked["engine"]  # the walk follows product imports
     assert not found, "Lightning imported by the engine side:\n" + "\n".join(found)
     assert _imports_lightning(REPO / "callbacks/evaluation/callback.py") is not None
+
+
+def test_the_evaluation_and_the_other_callbacks_import_no_paper_analysis():
+    """The papers' analyses (``callbacks/analyses/``) sit beside the saliency evaluation: they
+    may use it (the CAAP sweeps parse metric specs with ``callbacks.evaluation.spec``), but no
+    other callback module imports them, so the evaluation runs without any analysis; and the
+    package's ``__init__`` imports none of them, so a script that wants one analysis's figure
+    builder (``experiments/channel_activity_kde.py``) loads only that module."""
+    edges = import_graph(REPO)
+    inside = [e for e in edges if e.importer.startswith("callbacks.analyses.")]
+    assert {e.importer for e in inside} >= {
+        "callbacks.analyses.channel_activity",
+        "callbacks.analyses.classifier_similarity",
+        "callbacks.analyses.cluscam_selection",
+        "callbacks.analyses.caap_sweeps",
+    }
+    wrong = [
+        str(e)
+        for e in edges
+        if e.importer.startswith("callbacks")
+        and not e.importer.startswith("callbacks.analyses.")  # the package's __init__ counts
+        and e.imported.startswith("callbacks.analyses")
+    ]
+    assert not wrong, "callbacks importing the paper analyses:\n" + "\n".join(wrong)

@@ -7,7 +7,8 @@ at once (:mod:`callbacks.evaluation.outputs`), and logs the same to W&B.
 
 During ``trainer.fit`` the callback can also watch explanations as a model trains:
 ``every_n_epochs`` evaluates the first ``validation_batches`` validation batches and logs the
-means as ``eval/<method>/<metric>``.
+means under the names the evaluation gives them in W&B (``eval/<method>/<metric>``;
+:func:`callbacks.evaluation.wandb_logging.wandb_keys`).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from callbacks.evaluation.engine import (
     EvaluationEngine,
     _Combination,
 )
+from callbacks.evaluation.keys import value_keys
 from callbacks.evaluation.outputs import ResultWriter
 from callbacks.evaluation.results import GatheredResults
 from callbacks.evaluation.sanity import SanityCheck
 from callbacks.evaluation.spec import parse_methods, parse_metrics
 from callbacks.evaluation.target_policies import parse_policies
+from callbacks.evaluation.wandb_logging import wandb_keys
 from callbacks.explained_model import data_normalisation, first_test_indices
 from callbacks.run_outputs import StagedResults
 from contrastive_saliency.errors import ConfigurationError
@@ -291,12 +294,10 @@ class SaliencyEvaluationCallback(
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._watch:
             return
-        for (method, layer, policy, label), state in self._watched.items():
-            _, columns = state.labelled_values(label, sync=False)  # this process's samples
+        names = wandb_keys(value_keys(self._watched))  # the evaluation's names
+        for key, state in self._watched.items():
+            _, columns = state.labelled_values(key.metric, sync=False)  # this process's samples
             for metric, values in columns.items():
-                if not values.numel():
-                    continue
-                name = f"eval/{method}/{metric}"
-                if len(self.layers) > 1 or len(self.policies) > 1:
-                    name = f"eval/{method}/{layer}/{policy}/{metric}"
-                pl_module.log(name, values.mean(), sync_dist=True)
+                if values.numel():
+                    name = names[key._replace(metric=metric)]
+                    pl_module.log(name, values.mean(), sync_dist=True)

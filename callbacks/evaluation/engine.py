@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from callbacks.evaluation.keys import MapsKey, MetricKey, PolicyKey
 from callbacks.evaluation.spec import MethodSpec, matrix_contrast_selectors, resolve_selectors
 from callbacks.evaluation.target_policies import column_classes, correct_rows
 from contrastive_saliency.layers import layer_path
@@ -156,20 +157,20 @@ class EvaluationEngine:
             return maps
         return grid_maps
 
-    def new_metrics(self, device: torch.device) -> dict[tuple, RegisteredMetric]:
+    def new_metrics(self, device: torch.device) -> dict[MetricKey, RegisteredMetric]:
         """One registered metric per (method, layer, policy, metric label) whose target kind
         the policy has, in one fixed order (all processes gather their states in it)."""
-        metrics: dict[tuple, RegisteredMetric] = {}
+        metrics: dict[MetricKey, RegisteredMetric] = {}
         for combination in self.combinations:
             for policy in self.policies:
-                key = (combination.spec.label, combination.layer, policy.name)
+                key = PolicyKey(combination.spec.label, combination.layer, policy.name)
                 for spec in self.metric_specs:
                     if metric_class(spec.name).target_kind != policy.kind:
                         continue
                     metric = create_metric(
                         spec.name, **spec.kwargs, batch_size=self.perturbation_batch_size
                     )
-                    metrics[(*key, spec.label)] = metric.to(device)
+                    metrics[MetricKey(*key, spec.label)] = metric.to(device)
         return metrics
 
     def evaluate_batch(
@@ -177,7 +178,7 @@ class EvaluationEngine:
         network: torch.nn.Module,
         batch: dict[str, Any],
         logits: torch.Tensor,
-        metrics: dict[tuple, RegisteredMetric],
+        metrics: dict[MetricKey, RegisteredMetric],
     ) -> dict[str, Any]:
         """Update ``metrics`` (:meth:`new_metrics`) with one batch; returns the rows used."""
         rows = correct_rows(logits, batch) if self.correct_only else None
@@ -189,7 +190,7 @@ class EvaluationEngine:
         images = batch["image"]
         columns = self._columns(batch)
         classes = torch.stack([column_classes(c, logits, batch) for c in columns], dim=1)
-        self._batch_maps: dict[tuple[str, str], torch.Tensor] = {}
+        self._batch_maps: dict[MapsKey, torch.Tensor] = {}
         # metrics that re-run the method on perturbed images get it (MetricInputs.explain)
         explaining = any(metric_class(s.name).needs_explainer for s in self.metric_specs)
         autocast = (
@@ -200,7 +201,7 @@ class EvaluationEngine:
         with autocast:
             for combination in self.combinations:
                 maps = self._maps(combination, images, classes, columns, batch).float()
-                self._batch_maps[(combination.spec.label, combination.layer)] = maps
+                self._batch_maps[MapsKey(combination.spec.label, combination.layer)] = maps
                 for policy in self.policies:
                     chosen = [columns.index(c) for c in policy.columns(batch)]
                     inputs = MetricInputs(
@@ -208,9 +209,9 @@ class EvaluationEngine:
                         classes=classes[:, chosen], logits=logits, batch=batch,
                         explain=combination.explainer(batch) if explaining else None,
                     )  # fmt: skip
-                    key = (combination.spec.label, combination.layer, policy.name)
+                    key = PolicyKey(combination.spec.label, combination.layer, policy.name)
                     for spec in self.metric_specs:
-                        metric = metrics.get((*key, spec.label))
+                        metric = metrics.get(MetricKey(*key, spec.label))
                         if metric is not None:
                             metric.update(**metric.update_arguments(inputs))
         self._batch_columns, self._batch_classes = columns, classes

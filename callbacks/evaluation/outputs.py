@@ -93,7 +93,7 @@ class ResultWriter:
     @staticmethod
     def _gallery_column(gallery: list[dict[str, Any]]) -> str:
         """The overview shows the first explained column: ``top1``, else e.g. ``cell0``."""
-        columns = [column for _, _, column in gallery[0]["maps"]]
+        columns = [key.column for key in gallery[0]["maps"]]
         return "top1" if "top1" in columns else columns[0]
 
     def _run_info(self, trainer: Any) -> dict[str, str]:

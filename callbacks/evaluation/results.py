@@ -12,7 +12,9 @@ import pandas as pd
 import torch
 
 from callbacks.evaluation.engine import CONTRASTS_FROM_MATRIX
+from callbacks.evaluation.keys import CurveKey, PolicyKey
 from callbacks.evaluation.tables import mean_curves, method_tests, sibling_share, summarise
+from callbacks.report import GalleryKey
 from contrastive_saliency.errors import ConfigurationError
 
 
@@ -25,7 +27,7 @@ class GatheredResults:
         explained classes came from the matrix (the fewest among a policy's classes)."""
         for combination in self.combinations:
             for policy in self.policies:
-                key = (combination.spec.label, combination.layer, policy.name)
+                key = PolicyKey(combination.spec.label, combination.layer, policy.name)
                 if key not in self._contrast_counts:
                     continue
                 chosen = [self._batch_columns.index(c) for c in policy.columns(batch)]
@@ -42,8 +44,8 @@ class GatheredResults:
         mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
         for row in wanted:
             maps = {
-                (method, layer, column): self._batch_maps[(method, layer)][row, j].cpu()
-                for (method, layer) in self._batch_maps
+                GalleryKey(key.method, key.layer, column): batch_maps[row, j].cpu()
+                for key, batch_maps in self._batch_maps.items()
                 for j, column in enumerate(self._batch_columns)
             }
             self._gallery.append(
@@ -77,7 +79,7 @@ class GatheredResults:
             }
         )
         frames = []
-        curves: dict[tuple, np.ndarray] = {}
+        curves: dict[CurveKey, np.ndarray] = {}
         for (method, layer, policy, label), state in self._metrics.items():
             indices, columns = state.labelled_values(label)
             for metric, values in columns.items():
@@ -94,9 +96,9 @@ class GatheredResults:
                     )
                 )
             for curve in state.curves:  # the first metric of a curve kind gives its curve
-                if (method, layer, policy, curve.kind) not in curves:
-                    per_sample_curves = state.per_sample_curves()[1].cpu().numpy()
-                    curves[(method, layer, policy, curve.kind)] = per_sample_curves
+                key = CurveKey(method, layer, policy, curve.kind)
+                if key not in curves:
+                    curves[key] = state.per_sample_curves()[1].cpu().numpy()
         gallery = gather_objects(self._gallery)
         self.per_sample = self._with_contrast_counts(
             pd.concat(frames, ignore_index=True).merge(samples, on="index")

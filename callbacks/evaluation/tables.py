@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from callbacks.evaluation.keys import CurveKey
 from contrastive_saliency.stats import (
     benjamini_hochberg,
     compare_methods,
@@ -165,7 +166,7 @@ def describe_sibling_share(checks: dict[str, float | int | None]) -> str:
     return f"{shown} ({checks['top2_sibling_count']} of {checks['correct_samples']})"
 
 
-def mean_curves(curves: dict[tuple[str, str, str, str], np.ndarray]) -> pd.DataFrame:
+def mean_curves(curves: dict[CurveKey, np.ndarray]) -> pd.DataFrame:
     """Long table ``method, layer, target_policy, curve, x, y, n`` of the mean of per-sample
     curves ``[n, points]`` on an even grid of [0, 1]."""
     frames = []

@@ -1,15 +1,19 @@
 """Logging an evaluation's results to every W&B run of the trainer: the summary means (under
-:func:`wandb_key`), the config, the tables, plots and gallery."""
+:func:`wandb_keys`, the names the callback also logs its means under while a model trains),
+the config, the tables, plots and gallery."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from callbacks.evaluation.engine import CONTRASTS_FROM_MATRIX
+from callbacks.evaluation.keys import MetricKey, value_keys
 from lightning_modules.wandb_runs import wandb_runs
 
 log = logging.getLogger(__name__)
@@ -28,21 +32,31 @@ def log_wandb(callback: Any, trainer: Any, plot_paths, gallery_paths) -> None:
             )  # fmt: skip
 
 
-def wandb_key(method: str, layer: str, policy: str, metric: str, unique: bool) -> str:
-    """``eval/<method>/<metric>``, with layer and policy when the method has several."""
+def wandb_key(key: MetricKey, unique: bool) -> str:
+    """``eval/<method>/<metric>`` when ``unique``, else
+    ``eval/<method>/<layer>/<target_policy>/<metric>``."""
     if unique:
-        return f"eval/{method}/{metric}"
-    return f"eval/{method}/{layer}/{policy}/{metric}"
+        return f"eval/{key.method}/{key.metric}"
+    return f"eval/{key.method}/{key.layer}/{key.target_policy}/{key.metric}"
+
+
+def wandb_keys(values: Iterable[MetricKey]) -> dict[MetricKey, str]:
+    """The W&B name of each value of a run (:func:`callbacks.evaluation.keys.value_keys`), the
+    one rule of the evaluation's summary and of the means logged while training: a method's
+    metric is ``eval/<method>/<metric>`` when the run has it at one (layer, target policy)
+    only, else ``eval/<method>/<layer>/<target_policy>/<metric>``."""
+    values = list(values)
+    count = Counter((key.method, key.metric) for key in values)
+    return {key: wandb_key(key, count[(key.method, key.metric)] == 1) for key in values}
 
 
 def log_to_run(run, callback: Any, plot_paths, gallery_paths) -> None:
     import wandb
 
     summary = callback.summary
-    combos = summary.groupby(["method", "metric"]).size()
+    names = wandb_keys(value_keys(callback._metrics))
     for row in summary.itertuples():
-        unique = combos[(row.method, row.metric)] == 1
-        key = wandb_key(row.method, row.layer, row.target_policy, row.metric, unique)
+        key = names[MetricKey(row.method, row.layer, row.target_policy, row.metric)]
         run.summary[key] = row.mean
         if not math.isnan(row.wilcoxon_p):
             run.summary[f"{key}_wilcoxon_p"] = row.wilcoxon_p

@@ -5,6 +5,7 @@ given and returns the written paths.
 """
 
 from callbacks.report.gallery import (
+    GalleryKey,
     GallerySample,
     build_grid_figure,
     build_sample_figure,
@@ -29,6 +30,7 @@ from callbacks.report.plots import (
 )
 
 __all__ = [
+    "GalleryKey",
     "GallerySample",
     "agreement_histograms",
     "build_agreement_figure",

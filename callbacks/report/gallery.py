@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +31,15 @@ _COLUMN_ORDER = ("top1", "top2", "ground_truth", "label")
 _IMAGE_TOLERANCE = 1e-3
 
 
+class GalleryKey(NamedTuple):
+    """Which map of a sample: a method (its label) at a layer, for one target column
+    (``"top1"``, ``"top2"``, ``"ground_truth"``, ``"cell0"``, ...)."""
+
+    method: str
+    layer: str
+    column: str
+
+
 @dataclass(eq=False)
 class GallerySample:
     """One sample of the gallery.
@@ -40,8 +50,8 @@ class GallerySample:
         masks: name → bool ``[H, W]`` (object mask, part mask, grid cells); may be empty.
         label, top1, top2: true class and the two most probable predicted classes.
         class_names: class index → name, for titles; ``None`` shows indices only.
-        maps: ``(method, layer, column)`` → float ``[H, W]`` map (raw, any range); column is the
-            target column (``"top1"``, ``"top2"``, ``"ground_truth"``, ``"cell0"``, ...).
+        maps: :class:`GalleryKey` ``(method, layer, column)`` → float ``[H, W]`` map (raw, any
+            range); a plain ``(method, layer, column)`` tuple is the same key.
     """
 
     index: int
@@ -51,7 +61,7 @@ class GallerySample:
     top1: int
     top2: int
     class_names: list[str] | None = None
-    maps: dict[tuple[str, str, str], torch.Tensor] = field(default_factory=dict)
+    maps: dict[GalleryKey, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         image = self.image
@@ -125,14 +135,14 @@ def _natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def _columns(keys: list[tuple[str, str, str]]) -> list[str]:
+def _columns(keys: list[GalleryKey]) -> list[str]:
     present = {column for _, _, column in keys}
     known = [column for column in _COLUMN_ORDER if column in present]
     rest = sorted(present - set(known), key=_natural_key)
     return known + rest
 
 
-def _rows(keys: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+def _rows(keys: list[GalleryKey]) -> list[tuple[str, str]]:
     return list(dict.fromkeys((method, layer) for method, layer, _ in keys))
 
 
@@ -140,7 +150,7 @@ def _image_array(sample: GallerySample) -> np.ndarray:
     return sample.image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
-def _normalised(sample: GallerySample, keys: list[tuple[str, str, str]]) -> dict:
+def _normalised(sample: GallerySample, keys: list[GalleryKey]) -> dict:
     if not keys:
         return {}
     stacked = normalise_maps(torch.stack([sample.maps[key].detach() for key in keys]))

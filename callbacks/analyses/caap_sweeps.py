@@ -349,7 +349,7 @@ class CAAPSweepCallback(L.Callback):
             )
         self.tables = self._tables()
         if trainer.is_global_zero:
-            from callbacks.analysis_outputs import publish_analysis
+            from callbacks.analyses.outputs import publish_analysis
 
             publish_analysis(trainer, self.name, self.tables, self._figures(), self._summary())
 

@@ -2,7 +2,7 @@
 
 Needs no data: the classifier's final linear layer is found when the test starts (a bad
 ``head`` fails before any batch) and, when the test ends, global rank zero publishes into
-``<run_dir>/analyses/<name>/`` (:func:`callbacks.analysis_outputs.publish_analysis`):
+``<run_dir>/analyses/<name>/`` (:func:`callbacks.analyses.outputs.publish_analysis`):
 
 - ``curve.csv``: rank (1 = each class's most similar other class), mean, sd (population, over
   classes; Fig. 1's band), min and max of the cosine similarity over classes, classes;
@@ -25,13 +25,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from callbacks.analysis_outputs import publish_analysis
-from callbacks.channel_activity import (
+from callbacks.analyses.channel_activity import (
     check_analysis_name,
     class_names_of,
     model_label,
     network_of,
 )
+from callbacks.analyses.outputs import publish_analysis
 from contrastive_saliency.classifier_similarity import (
     ClassifierHead,
     SelfSimilarity,

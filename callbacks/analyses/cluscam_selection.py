@@ -9,7 +9,7 @@ sample ``index``; at the end they are gathered from every process and de-duplica
 does on a dataloader: ``P(K)`` = mean score (Eq. 8), K* = maximum discrete curvature
 (Alg. 2), r = mean non-salient posterior of a two-Gaussian fit to the scores at K* (Alg. 3,
 Eq. 9), τ = 1/ln(1 + rK*) (Eq. 10). Rank zero publishes them
-(:func:`callbacks.analysis_outputs.publish_analysis`): ``selection.csv`` (with the Table 3 row
+(:func:`callbacks.analyses.outputs.publish_analysis`): ``selection.csv`` (with the Table 3 row
 of the architecture, when it has one), ``proxy.csv``, ``mixture.csv`` and the plots
 ``k_selection.png``, ``r_selection.png``, ``temperature.png``.
 """
@@ -184,7 +184,7 @@ class ClusCAMSelectionCallback(L.Callback):
         self.selection = selection_from_scores(scores)
         self.tables = self._tables()
         if trainer.is_global_zero:
-            from callbacks.analysis_outputs import publish_analysis
+            from callbacks.analyses.outputs import publish_analysis
 
             publish_analysis(trainer, self.name, self.tables, self._figures(), self._summary())
 

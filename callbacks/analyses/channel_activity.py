@@ -5,7 +5,7 @@ CASE Eq. 10) of each configured layer; the counts are kept with the sample ``ind
 from every process and de-duplicated (each image exactly once, also under DDP). At the end,
 global rank zero averages them per class over the correctly predicted images (the paper's
 protocol; ``correct_only: false`` keeps every image) and publishes into
-``<run_dir>/analyses/<name>/`` (:func:`callbacks.analysis_outputs.publish_analysis`):
+``<run_dir>/analyses/<name>/`` (:func:`callbacks.analyses.outputs.publish_analysis`):
 
 - ``per_sample.csv``: index, label, prediction, correct, layer, active channels, channels;
 - ``per_class.csv``: layer, class (and name), mean active channels, images counted, channels;
@@ -33,7 +33,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from callbacks.analysis_outputs import publish_analysis
+from callbacks.analyses.outputs import publish_analysis
 from contrastive_saliency.channel_activity import (
     CASE_THRESHOLD,
     active_channel_counts,
