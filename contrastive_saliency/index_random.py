@@ -32,6 +32,7 @@ STREAM_TIE_BREAKING = 2  # tie-break keys of masks and pixel orders (metrics.fun
 STREAM_SHAP_BASELINE = 10
 STREAM_SHAP_ALPHA = 11
 STREAM_SHAP_NOISE = 12
+STREAM_ROAD_NOISE = 20  # ROAD's imputation noise (metrics.functional.road)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

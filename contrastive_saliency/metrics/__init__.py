@@ -53,6 +53,7 @@ from contrastive_saliency.metrics.registry import (
     register_metric,
 )
 from contrastive_saliency.metrics.representation import ChannelActivity
+from contrastive_saliency.metrics.road import Road
 from contrastive_saliency.metrics.sanity_checks import MapSimilarity
 
 __all__ = [
@@ -82,6 +83,7 @@ __all__ = [
     "RegisteredMetric",
     "RelativeDrop",
     "RelevanceRankAccuracy",
+    "Road",
     "SampleMetric",
     "Sparseness",
     "TopKIntersection",

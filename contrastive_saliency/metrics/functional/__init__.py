@@ -66,10 +66,17 @@ from contrastive_saliency.metrics.functional.representation import (
     classifier_weight_similarity,
     cosine_similarity_matrix,
 )
+from contrastive_saliency.metrics.functional.road import (
+    RoadResult,
+    linear_imputation,
+    noisy_linear_imputation,
+    road,
+)
 
 __all__ = [
     "ClassChannelActivity",
     "PICResult",
+    "RoadResult",
     "active_channel_mask",
     "aggregate_pic",
     "aupr",
@@ -101,10 +108,12 @@ __all__ = [
     "independent_randomisation",
     "insertion_auc",
     "insertion_curve",
+    "linear_imputation",
     "localisation_error",
     "mask_top_pixels",
     "masked_confidences",
     "min_max_normalise",
+    "noisy_linear_imputation",
     "perturbation_curve",
     "pic_curves",
     "pointing_game",
@@ -115,6 +124,7 @@ __all__ = [
     "relative_drop",
     "relevance_rank_accuracy",
     "resolve_randomisation_order",
+    "road",
     "soft_mask_confidences",
     "softmax_scores",
     "sparseness",
