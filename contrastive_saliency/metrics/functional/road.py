@@ -13,7 +13,7 @@ pixel (always, unless every pixel is removed), positive definite, so it is solve
 all images, channels and removal masks of a chunk at once by Jacobi-preconditioned conjugate
 gradients on the device, the matrix applied as a masked 3×3 neighbour sum; iterations stop
 when every system's residual ``‖b − Ax‖`` is at most ``tolerance · max(‖b‖, ‖b − Ax₀‖)``
-(``x₀`` each image's mean kept colour; default 1e-6, in
+(``x₀`` a pull-push fill of the removed pixels; default 1e-6, in
 float64 for float64 images, else float32; the tests compare with SciPy's direct ``spsolve``).
 Then ``noise_std`` · N(0, 1) is added to every removed pixel and channel, the draws a pure
 function of the sample ``index`` (:func:`contrastive_saliency.index_random.index_normal`).
@@ -58,6 +58,18 @@ ORDERS = ("morf", "lerf")
 _DIRECT, _DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
 
 
+def _blur(values: torch.Tensor) -> torch.Tensor:
+    """The ``[1, 2, 1] ⊗ [1, 2, 1]`` sum over the 3×3 neighbourhood (zero outside the image)
+    of ``[..., H, W]``, by shifted in-place adds (no padding copies)."""
+    vertical = 2.0 * values
+    vertical[..., 1:, :] += values[..., :-1, :]
+    vertical[..., :-1, :] += values[..., 1:, :]
+    blurred = 2.0 * vertical
+    blurred[..., 1:] += vertical[..., :-1]
+    blurred[..., :-1] += vertical[..., 1:]
+    return blurred
+
+
 def _neighbour_sum(values: torch.Tensor) -> torch.Tensor:
     """``Σ_j w_ij values_j`` over the in-image neighbours of every pixel of ``[..., H, W]``
     (zero outside the image). The 3×3 kernel ``[[1, 2, 1], [2, 0, 2], [1, 2, 1]] / 12`` is
@@ -68,6 +80,24 @@ def _neighbour_sum(values: torch.Tensor) -> torch.Tensor:
     columns = F.pad(vertical, (1, 1))
     blurred = columns[..., :-2] + 2.0 * columns[..., 1:-1] + columns[..., 2:]
     return (blurred - 4.0 * values) * (1.0 / 12.0)
+
+
+def _pull_push(images: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """A smooth fill of the removed pixels (pull-push over a 2× pyramid: each level's mean of
+    the kept values, blended by the kept share with the coarser level's estimate): the
+    conjugate gradients' start, giving the low frequencies CG is slowest to find."""
+    levels = [(images * kept, kept)]
+    while min(levels[-1][1].shape[-2:]) > 1:
+        values, weights = levels[-1]
+        levels.append(
+            (F.avg_pool2d(values, 2, ceil_mode=True), F.avg_pool2d(weights, 2, ceil_mode=True))
+        )
+    values, weights = levels[-1]
+    estimate = values.sum(dim=(2, 3), keepdim=True) / weights.sum(dim=(2, 3), keepdim=True)
+    for values, weights in reversed(levels):
+        coarse = F.interpolate(estimate, size=values.shape[-2:], mode="bilinear")
+        estimate = values + (1.0 - weights) * coarse  # = w·mean_kept + (1 − w)·coarse
+    return estimate
 
 
 def linear_imputation(
@@ -100,53 +130,67 @@ def linear_imputation(
     dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     original = images
     images = images.to(dtype)
+    m, c = images.shape[:2]
     mask = removed.to(dtype).unsqueeze(1)  # [M, 1, H, W], 1 where imputed
-    weights = _neighbour_sum(torch.ones(1, 1, h, w, dtype=dtype, device=images.device))
+    # 12 × the system, per image channel (S = M·C systems): diagonal 12·s_i on the removed
+    # pixels, off-diagonal −(12 w_ij) = the [1, 2, 1] ⊗ [1, 2, 1] blur minus 4 at the centre.
+    diagonal = 12.0 * _neighbour_sum(torch.ones(1, 1, h, w, dtype=dtype, device=images.device))
+    rhs = (12.0 * mask * _neighbour_sum((1.0 - mask) * images)).reshape(m * c, h, w)
+    solution = (mask * _pull_push(images, 1.0 - mask)).reshape(m * c, h, w)
+    system_mask = mask.expand(m, c, h, w).reshape(m * c, h, w)
+    diagonal = diagonal.reshape(1, h, w) + 4.0 * system_mask  # d = 12 s_i + 4 (the blur's 4)
+    preconditioner = system_mask / (diagonal - 4.0).clamp_min(1.0)  # Jacobi: 1 / (12 s_i)
 
-    def apply(x: torch.Tensor) -> torch.Tensor:  # A x on the removed pixels, 0 elsewhere
-        return mask * (weights * x - _neighbour_sum(mask * x))
+    def apply(x: torch.Tensor, on: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return on * (d * x - _blur(x))  # x is 0 off the removed pixels
 
-    rhs = mask * _neighbour_sum((1.0 - mask) * images)
-    # Start from each image's mean kept colour: the low frequencies CG is slowest to find.
-    kept = (1.0 - mask).sum(dim=(2, 3), keepdim=True)
-    start = ((1.0 - mask) * images).sum(dim=(2, 3), keepdim=True) / kept
-    solution = mask * start
-    residual = rhs - apply(solution)
-    direction = residual / weights
-    rho = (residual * direction).sum(dim=(2, 3), keepdim=True)
+    residual = rhs - apply(solution, system_mask, diagonal)
     # Relative to the larger of ‖b‖ and the start's residual (b = 0 when every kept neighbour
     # is 0: the solution is 0, reached from the start's residual).
-    rhs_norm = torch.maximum(rhs.flatten(2).norm(dim=2), residual.flatten(2).norm(dim=2))
-    rhs_norm = rhs_norm.clamp_min(torch.finfo(dtype).tiny)
+    scale = torch.maximum(rhs.flatten(1).norm(dim=1), residual.flatten(1).norm(dim=1))
+    scale = scale.clamp_min(torch.finfo(dtype).tiny)
+    done = solution.clone()  # converged systems are copied out and dropped (compaction)
+    active = torch.arange(m * c, device=images.device)
+    on, d, z = system_mask, diagonal, preconditioner
+    direction = residual * z
+    rho = (residual * direction).sum(dim=(1, 2))
     limit = max_iterations if max_iterations is not None else 4 * (h + w) + 100
-    relative = residual.flatten(2).norm(dim=2) / rhs_norm
-    for iteration in range(limit):
-        if iteration % 8 == 0:  # one host sync per 8 iterations
-            relative = residual.flatten(2).norm(dim=2) / rhs_norm
-            if bool((relative <= tolerance).all()):
-                break
-        product = apply(direction)
-        curvature = (direction * product).sum(dim=(2, 3), keepdim=True)
-        step = torch.where(curvature > 0, rho / curvature.clamp_min(torch.finfo(dtype).tiny), 0.0)
+    tiny = torch.finfo(dtype).tiny
+    iteration = 0
+    while True:
+        if iteration % 8 == 0 or iteration >= limit:  # one host sync per 8 iterations
+            relative = residual.flatten(1).norm(dim=1) / scale
+            converged = relative <= tolerance
+            if bool(converged.any()) or iteration >= limit:
+                done[active] = solution
+                keep = ~converged
+                if not bool(keep.any()) or iteration >= limit:
+                    break
+                active, solution, residual, direction = (
+                    t[keep] for t in (active, solution, residual, direction)
+                )
+                rho, scale, on, z = rho[keep], scale[keep], on[keep], z[keep]
+                d = diagonal.expand(m * c, h, w)[active] if d.shape[0] > 1 else d
+        product = apply(direction, on, d)
+        curvature = (direction * product).sum(dim=(1, 2))
+        step = torch.where(curvature > 0, rho / curvature.clamp_min(tiny), 0.0)[:, None, None]
         solution = solution + step * direction
         residual = residual - step * product
-        preconditioned = residual / weights
-        rho_next = (residual * preconditioned).sum(dim=(2, 3), keepdim=True)
-        beta = torch.where(rho > 0, rho_next / rho.clamp_min(torch.finfo(dtype).tiny), 0.0)
+        preconditioned = residual * z
+        rho_next = (residual * preconditioned).sum(dim=(1, 2))
+        beta = torch.where(rho > 0, rho_next / rho.clamp_min(tiny), 0.0)[:, None, None]
         direction = preconditioned + beta * direction
         rho = rho_next
-    else:
-        relative = residual.flatten(2).norm(dim=2) / rhs_norm
-        worst = float(relative.max())
-        if worst > tolerance:
-            warnings.warn(
-                f"linear imputation stopped after {limit} conjugate-gradient iterations at a "
-                f"relative residual of {worst:.2e} (tolerance {tolerance:.0e}); raise "
-                "max_iterations for an exact solve",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    imputed = torch.where(removed.unsqueeze(1), solution, images)
+        iteration += 1
+    if iteration >= limit and not bool(converged.all()):
+        warnings.warn(
+            f"linear imputation stopped after {limit} conjugate-gradient iterations at a "
+            f"relative residual of {float(relative.max()):.2e} (tolerance {tolerance:.0e}); "
+            "raise max_iterations for an exact solve",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    imputed = torch.where(removed.unsqueeze(1), done.view(m, c, h, w), images)
     return imputed.to(original.dtype)
 
 
