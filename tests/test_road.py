@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from callbacks.evaluation.spec import parse_metrics
 from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.metrics import MetricInputs, create_metric
 from contrastive_saliency.metrics.functional.road import (
@@ -269,6 +270,7 @@ def test_registered_metric_as_the_evaluation_feeds_it():
     torch.testing.assert_close(table["road_lerf"], direct.lerf)
     torch.testing.assert_close(table["road"], (direct.lerf - direct.morf) / 2)
     cls = type(metric)
+    parse_metrics([{"name": "road", "kwargs": {"percentages": [20, 80], "score": "logit"}}])
     assert cls.family == "faithfulness" and cls.higher_is_better is True
     assert cls.labelled_names("road") == ["road_morf", "road_lerf", "road"]
     for bad, match in (
