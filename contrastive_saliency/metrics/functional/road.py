@@ -1,8 +1,9 @@
 """ROAD: Remove And Debias (Rong, Leemann, Borisov, Kasneci & Kasneci, "A Consistent and
 Efficient Evaluation Strategy for Attribution Methods", ICML 2022).
 
-**Noisy linear imputation** (Sec. 4.2). Each removed pixel takes the weighted mean of its
-in-image 8 neighbours — weight 1/6 for the 4 direct and 1/12 for the 4 diagonal ones, the
+**Noisy linear imputation** (the paper's debiasing removal operator). Each removed pixel
+takes the weighted mean of its in-image 8 neighbours — 1/6 for the 4 direct and 1/12 for the
+4 diagonal ones, the
 weights of absent (out-of-image) neighbours dropped from the normaliser — where a removed
 neighbour enters with its own imputed value. For the removed pixels ``R`` of one channel this
 is the sparse linear system ``s_i x_i − Σ_{j ∈ R} w_ij x_j = Σ_{j ∉ R} w_ij v_j`` (``s_i`` the
@@ -22,7 +23,7 @@ function of the sample ``index`` (:func:`contrastive_saliency.index_random.index
 least (LeRF) salient of the ``N`` pixels are removed (all channels) and imputed, and the model
 scores the explained class on the imputed image: its softmax probability (default; the
 authors' ``road_eval`` "average probability"), its logit, or ``accuracy`` (1 if the model
-still predicts the class, the paper's Fig. 4–6 accuracy when the class is the label). The
+still predicts the class: the paper's accuracy curves when the class is the label). The
 per-sample values are the means over the percentages (equally spaced percentages make them
 the normalised area under the curve): ``morf`` (lower = more faithful), ``lerf`` (higher =
 more faithful) and ``combined = (lerf − morf) / 2`` (higher = more faithful). The paper
