@@ -3,9 +3,8 @@ Efficient Evaluation Strategy for Attribution Methods", ICML 2022).
 
 **Noisy linear imputation** (the paper's debiasing removal operator). Each removed pixel
 takes the weighted mean of its in-image 8 neighbours — 1/6 for the 4 direct and 1/12 for the
-4 diagonal ones, the
-weights of absent (out-of-image) neighbours dropped from the normaliser — where a removed
-neighbour enters with its own imputed value. For the removed pixels ``R`` of one channel this
+4 diagonal ones, the weights of absent (out-of-image) neighbours dropped from the
+normaliser — where a removed neighbour enters with its own imputed value. For the removed pixels ``R`` of one channel this
 is the sparse linear system ``s_i x_i − Σ_{j ∈ R} w_ij x_j = Σ_{j ∉ R} w_ij v_j`` (``s_i`` the
 sum of pixel ``i``'s in-image neighbour weights, ``v`` the image), the system of the authors'
 ``NoisyLinearImputer`` (tleemann/road_evaluation, also in pytorch-grad-cam and Quantus).
