@@ -248,36 +248,98 @@ def test_noise_is_seeded_gaussian_on_the_removed_pixels_only():
         linear_imputation(images, torch.ones(2, 64, 64, dtype=torch.bool))
 
 
-def test_registered_metric_as_the_evaluation_feeds_it():
+class CountingModel(nn.Module):
+    """``_tiny_cnn`` counting the images it scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.images = _tiny_cnn(), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.images += x.shape[0]
+        return self.net(x)
+
+
+def test_registered_metrics_as_the_evaluation_feeds_them():
     size = 12
     generator = torch.Generator().manual_seed(6)
     images = torch.randn(3, 3, size, size, generator=generator)
     maps = torch.rand(3, 1, size, size, generator=generator)
-    model = _tiny_cnn()
+    model = CountingModel()
     with torch.no_grad():
         logits = model(images)
-    inputs = MetricInputs(
-        model=model, images=images, maps=maps, classes=logits.argmax(dim=1, keepdim=True),
-        logits=logits, batch={"index": torch.tensor([5, 6, 7])},
-    )  # fmt: skip
-    metric = create_metric("road", percentages=[25, 75], batch_size=4)
-    metric.update(**metric.update_arguments(inputs))
-    indices, table = metric.per_sample_table()
-    assert indices.tolist() == [5, 6, 7]
-    direct = road(model, images, maps[:, 0], logits.argmax(dim=1), [25, 75],
-                  indices=torch.tensor([5, 6, 7]))  # fmt: skip
-    torch.testing.assert_close(table["road_morf"], direct.morf)
-    torch.testing.assert_close(table["road_lerf"], direct.lerf)
-    torch.testing.assert_close(table["road"], (direct.lerf - direct.morf) / 2)
-    cls = type(metric)
-    parse_metrics([{"name": "road", "kwargs": {"percentages": [20, 80], "score": "logit"}}])
-    assert cls.family == "faithfulness" and cls.higher_is_better is True
-    assert cls.labelled_names("road") == ["road_morf", "road_lerf", "road"]
-    for bad, match in (
-        ({"percentages": [10, 100]}, "percentages must be"),
-        ({"score": "rank"}, "score='rank' is not one of"),
-        ({"noise_std": -1}, "noise_std must be"),
-        ({"pixel_std": [0.2, 0]}, "pixel_std must be"),
-    ):
-        with pytest.raises(ConfigurationError, match=match):
-            cls.check_options(bad, "road")
+    index = torch.tensor([5, 6, 7])
+
+    def inputs() -> MetricInputs:  # a fresh cache per call, as the evaluation per batch
+        return MetricInputs(
+            model=model, images=images, maps=maps, classes=logits.argmax(dim=1, keepdim=True),
+            logits=logits, batch={"index": index},
+        )  # fmt: skip
+
+    options = {"percentages": [25, 75], "batch_size": 4}
+    direct = road(model, images, maps[:, 0], logits.argmax(dim=1), [25, 75], indices=index)
+    expected = {
+        "road_morf": direct.morf,
+        "road_lerf": direct.lerf,
+        "road": (direct.lerf - direct.morf) / 2,
+    }
+    # Alone, each metric computes only its curves: 2 percentages × 3 images per curve.
+    for name, curves in (("road_morf", 1), ("road_lerf", 1), ("road", 2)):
+        metric = create_metric(name, **options)
+        model.images = 0
+        metric.update(**metric.update_arguments(inputs()))
+        assert model.images == curves * 2 * 3, name
+        indices, table = metric.per_sample_table()
+        assert indices.tolist() == [5, 6, 7] and list(table) == [name]
+        torch.testing.assert_close(table[name], expected[name])
+    # Sharing one cache (any order), the three compute each curve once.
+    for names in (("road_morf", "road_lerf", "road"), ("road", "road_lerf", "road_morf")):
+        metrics = [create_metric(name, **options) for name in names]
+        shared, model.images = inputs(), 0
+        for metric in metrics:
+            metric.update(**metric.update_arguments(shared))
+        assert model.images == 2 * 2 * 3
+        for name, metric in zip(names, metrics, strict=True):
+            torch.testing.assert_close(metric.per_sample_table()[1][name], expected[name])
+    # Other options (here the score) are other curves.
+    logit = create_metric("road_morf", score="logit", **options)
+    shared = inputs()
+    probability = create_metric("road_morf", **options)
+    probability.update(**probability.update_arguments(shared))
+    model.images = 0
+    logit.update(**logit.update_arguments(shared))
+    assert model.images == 2 * 3
+    # The direction of each value.
+    directions = {"road_morf": False, "road_lerf": True, "road": True}
+    for name, higher in directions.items():
+        cls = type(create_metric(name))
+        assert cls.family == "faithfulness" and cls.higher_is_better is higher
+        assert cls.labelled_names(name) == [name]
+        parse_metrics([{"name": name, "kwargs": {"percentages": [20, 80], "score": "logit"}}])
+        for bad, match in (
+            ({"percentages": [10, 100]}, "percentages must be"),
+            ({"score": "rank"}, "score='rank' is not one of"),
+            ({"noise_std": -1}, "noise_std must be"),
+            ({"pixel_std": [0.2, 0]}, "pixel_std must be"),
+        ):
+            with pytest.raises(ConfigurationError, match=match):
+                cls.check_options(bad, name)
+
+
+def test_one_order_is_the_same_curve_as_both():
+    size = 10
+    generator = torch.Generator().manual_seed(7)
+    images = torch.randn(2, 3, size, size, generator=generator)
+    maps = torch.rand(2, size, size, generator=generator)
+    model, classes, index = _tiny_cnn(), torch.tensor([0, 1]), torch.tensor([4, 9])
+    run = dict(percentages=[30, 70], noise_std=0.05, indices=index)
+    both = road(model, images, maps, classes, **run)
+    morf = road(model, images, maps, classes, orders=("morf",), **run)
+    lerf = road(model, images, maps, classes, orders=["lerf"], batch_size=3, **run)
+    torch.testing.assert_close(morf.morf_curve, both.morf_curve)  # same noise draws
+    torch.testing.assert_close(lerf.lerf_curve, both.lerf_curve)
+    assert morf.lerf_curve is None and lerf.morf_curve is None
+    with pytest.raises(ValueError, match="lerf curve was not computed"):
+        _ = morf.combined
+    with pytest.raises(ValueError, match="orders must be"):
+        road(model, images, maps, classes, orders=("most",), **run)

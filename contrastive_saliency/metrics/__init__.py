@@ -53,7 +53,7 @@ from contrastive_saliency.metrics.registry import (
     register_metric,
 )
 from contrastive_saliency.metrics.representation import ChannelActivity
-from contrastive_saliency.metrics.road import Road
+from contrastive_saliency.metrics.road import Road, RoadLeRF, RoadMoRF
 from contrastive_saliency.metrics.sanity_checks import MapSimilarity
 
 __all__ = [
@@ -84,6 +84,8 @@ __all__ = [
     "RelativeDrop",
     "RelevanceRankAccuracy",
     "Road",
+    "RoadLeRF",
+    "RoadMoRF",
     "SampleMetric",
     "Sparseness",
     "TopKIntersection",

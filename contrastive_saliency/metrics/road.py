@@ -1,11 +1,16 @@
-"""ROAD (Rong et al., ICML 2022) as a registered torchmetrics class over
+"""ROAD (Rong et al., ICML 2022) as three registered torchmetrics classes over
 :func:`contrastive_saliency.metrics.functional.road.road`: per sample the mean class score
-over the removal percentages with the most (MoRF) and least (LeRF) relevant pixels removed
-by noisy linear imputation, and the combined ``(LeRF − MoRF) / 2``.
+over the removal percentages with the most (``road_morf``, lower is better) and least
+(``road_lerf``, higher is better) relevant pixels removed by noisy linear imputation, and the
+combined ``road`` = ``(LeRF − MoRF) / 2`` (higher is better). Three metrics, not one with
+three values, because the registry keeps one direction per metric. Metrics given the same
+``cache`` dict in ``update`` (the evaluation shares one per batch, method, layer and target
+policy) compute each curve once, and each computes only the curves it needs.
 
-``update(model, images, maps, classes, index)``: the model is not kept; images in the model's
-input space ``[B, C, H, W]``, maps ``[B, H, W]``, the explained ``classes`` ``[B]`` and the
-sample ``index`` ``[B]`` (the seed of the tie-breaking and of the imputation noise).
+``update(model, images, maps, classes, index, cache)``: the model is not kept; images in the
+model's input space ``[B, C, H, W]``, maps ``[B, H, W]``, the explained ``classes`` ``[B]``, the
+sample ``index`` ``[B]`` (the seed of the tie-breaking and of the imputation noise); ``cache``
+is the optional dict shared by the metrics of one batch.
 """
 
 from __future__ import annotations
@@ -26,15 +31,13 @@ from contrastive_saliency.metrics.functional.road import (
 from contrastive_saliency.metrics.registry import MetricInputs, RegisteredMetric, register_metric
 
 
-@register_metric("road")
-class Road(RegisteredMetric):
+class _RoadMetric(RegisteredMetric):
     """Per-sample ROAD (Remove And Debias; Rong, Leemann, Borisov, Kasneci & Kasneci, ICML
     2022): pixels removed in saliency order and replaced by noisy linear imputation (the
     weighted mean of the 8 neighbours, 1/6 direct and 1/12 diagonal, solved as the paper's
     sparse system, plus N(0, ``noise_std``²) noise seeded by the sample index), the class
-    score averaged over the removal ``percentages``. As pytorch-grad-cam's ``ROADCombined``
-    (its MoRF/LeRF averages minus the unperturbed score) and Quantus ``ROAD`` (accuracy; on
-    single-channel images, see tests/test_road.py).
+    score averaged over the removal ``percentages``. The options, checks and shared curves of
+    ``road_morf``, ``road_lerf`` and ``road``, which all take these options.
 
     Args:
         percentages: pixels removed, in % of the image (pytorch-grad-cam's 10, 20, …, 90).
@@ -47,21 +50,11 @@ class Road(RegisteredMetric):
         seed: the noise stream's seed.
         batch_size: perturbed images per imputation solve and forward pass.
         kwargs: torchmetrics ``Metric`` options.
-
-    Columns: ``road_morf`` (lower = more faithful), ``road_lerf`` (higher = more faithful) and
-    ``road`` = ``(road_lerf − road_morf) / 2`` (higher = more faithful, the metric's
-    direction).
     """
 
-    higher_is_better = True
-    title = "ROAD (LeRF − MoRF) / 2"
     family = "faithfulness"
-    outputs: ClassVar[dict[str, str]] = {
-        "_morf": "ROAD MoRF (lower = more faithful)",
-        "_lerf": "ROAD LeRF (higher = more faithful)",
-        "": "ROAD (LeRF − MoRF) / 2",
-    }
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {"score": SCORES}
+    _orders: ClassVar[tuple[str, ...]]
 
     def __init__(
         self,
@@ -87,12 +80,52 @@ class Road(RegisteredMetric):
             )
         self.noise_std, self.score, self.seed = float(noise_std), score, seed
         self.pixel_std = None if pixel_std is None else tuple(pixel_std)
-        self.batch_size = check_batch_size(batch_size, "road")
+        self.batch_size = check_batch_size(batch_size, self.name)
 
     def update_arguments(self, inputs: MetricInputs) -> dict[str, Any]:
         maps, classes = inputs.single
         return {"model": inputs.model, "images": inputs.images, "maps": maps,
-                "classes": classes, "index": inputs.index}  # fmt: skip
+                "classes": classes, "index": inputs.index, "cache": inputs.cache}  # fmt: skip
+
+    def _curves(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        maps: torch.Tensor,
+        classes: torch.Tensor,
+        index: torch.Tensor,
+        cache: dict[str, Any] | None,
+    ) -> dict[str, torch.Tensor]:
+        """This metric's curves (order → ``[B, P]``), from ``cache`` when an earlier metric of
+        the batch computed them with the same options; the missing ones in one ``road`` call.
+        ``batch_size`` is not in the key: it bounds memory and changes no value."""
+        cache = {} if cache is None else cache
+        options = (self.percentages, self.noise_std, self.score, self.pixel_std, self.seed)
+        keys = {order: f"road:{order}:{options}" for order in self._orders}
+        missing = [order for order in self._orders if keys[order] not in cache]
+        if missing:
+            result = road(
+                model, images, maps, classes, self.percentages, self.noise_std, self.score,
+                self.batch_size, indices=index, seed=self.seed, pixel_std=self.pixel_std,
+                orders=missing,
+            )  # fmt: skip
+            for order in missing:
+                cache[keys[order]] = result.morf_curve if order == "morf" else result.lerf_curve
+        return {order: cache[key] for order, key in keys.items()}
+
+
+@register_metric("road_morf")
+class RoadMoRF(_RoadMetric):
+    """Per-sample ROAD MoRF: the class score averaged over the removal percentages with the
+    most relevant pixels removed and imputed (computes the MoRF curve only; Quantus ``ROAD``
+    scores this curve). Lower = more faithful. Options: :class:`_RoadMetric`.
+
+    Column: ``road_morf``.
+    """
+
+    higher_is_better = False
+    title = "ROAD MoRF"
+    _orders = ("morf",)
 
     def update(
         self,
@@ -101,10 +134,63 @@ class Road(RegisteredMetric):
         maps: torch.Tensor,
         classes: torch.Tensor,
         index: torch.Tensor,
+        cache: dict[str, Any] | None = None,
     ) -> None:
-        """ROAD MoRF, LeRF and combined of ``classes`` for the samples ``index``."""
-        result = road(
-            model, images, maps, classes, self.percentages, self.noise_std, self.score,
-            self.batch_size, indices=index, seed=self.seed, pixel_std=self.pixel_std,
-        )  # fmt: skip
-        self._add(index, road_morf=result.morf, road_lerf=result.lerf, road=result.combined)
+        """ROAD MoRF of ``classes`` for the samples ``index``."""
+        curves = self._curves(model, images, maps, classes, index, cache)
+        self._add(index, road_morf=curves["morf"].mean(dim=1))
+
+
+@register_metric("road_lerf")
+class RoadLeRF(_RoadMetric):
+    """Per-sample ROAD LeRF: the class score averaged over the removal percentages with the
+    least relevant pixels removed and imputed (computes the LeRF curve only). Higher = more
+    faithful. Options: :class:`_RoadMetric`.
+
+    Column: ``road_lerf``.
+    """
+
+    higher_is_better = True
+    title = "ROAD LeRF"
+    _orders = ("lerf",)
+
+    def update(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        maps: torch.Tensor,
+        classes: torch.Tensor,
+        index: torch.Tensor,
+        cache: dict[str, Any] | None = None,
+    ) -> None:
+        """ROAD LeRF of ``classes`` for the samples ``index``."""
+        curves = self._curves(model, images, maps, classes, index, cache)
+        self._add(index, road_lerf=curves["lerf"].mean(dim=1))
+
+
+@register_metric("road")
+class Road(_RoadMetric):
+    """Per-sample ROAD combined ``(LeRF − MoRF) / 2`` of :class:`RoadLeRF` and
+    :class:`RoadMoRF` (both curves; given the same ``cache`` as those, it reuses theirs), as
+    pytorch-grad-cam's ``ROADCombined`` (its MoRF / LeRF averages minus the unperturbed
+    score, which cancels). Higher = more faithful. Options: :class:`_RoadMetric`.
+
+    Column: ``road``.
+    """
+
+    higher_is_better = True
+    title = "ROAD (LeRF − MoRF) / 2"
+    _orders = ("morf", "lerf")
+
+    def update(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        maps: torch.Tensor,
+        classes: torch.Tensor,
+        index: torch.Tensor,
+        cache: dict[str, Any] | None = None,
+    ) -> None:
+        """ROAD combined of ``classes`` for the samples ``index``."""
+        curves = self._curves(model, images, maps, classes, index, cache)
+        self._add(index, road=(curves["lerf"].mean(dim=1) - curves["morf"].mean(dim=1)) / 2)

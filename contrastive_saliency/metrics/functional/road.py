@@ -249,20 +249,26 @@ def noisy_linear_imputation(
 @dataclass(frozen=True)
 class RoadResult:
     """Per-sample ROAD: ``morf_curve`` / ``lerf_curve`` ``[B, P]`` (the class score at each
-    removal percentage), their means ``morf`` / ``lerf`` ``[B]`` and ``combined`` ``[B]`` =
-    ``(lerf − morf) / 2``; ``percentages`` ``[P]``."""
+    removal percentage; ``None`` for an order not computed), their means ``morf`` / ``lerf``
+    ``[B]`` and ``combined`` ``[B]`` = ``(lerf − morf) / 2``; ``percentages`` ``[P]``."""
 
     percentages: torch.Tensor
-    morf_curve: torch.Tensor
-    lerf_curve: torch.Tensor
+    morf_curve: torch.Tensor | None
+    lerf_curve: torch.Tensor | None
+
+    def _curve(self, order: str) -> torch.Tensor:
+        curve = self.morf_curve if order == "morf" else self.lerf_curve
+        if curve is None:
+            raise ValueError(f"the {order} curve was not computed; pass orders including {order!r}")
+        return curve
 
     @property
     def morf(self) -> torch.Tensor:
-        return self.morf_curve.mean(dim=1)
+        return self._curve("morf").mean(dim=1)
 
     @property
     def lerf(self) -> torch.Tensor:
-        return self.lerf_curve.mean(dim=1)
+        return self._curve("lerf").mean(dim=1)
 
     @property
     def combined(self) -> torch.Tensor:
@@ -306,17 +312,22 @@ def road(
     seed: int = 0,
     pixel_std: Sequence[float] | None = None,
     tolerance: float = 1e-6,
+    orders: Sequence[str] = ORDERS,
 ) -> RoadResult:
-    """MoRF and LeRF curves of ``classes`` ``[B]`` for ``maps`` ``[B, H, W]`` on ``images``
+    """The MoRF and / or LeRF curves (``orders``) of ``classes`` ``[B]`` for ``maps`` ``[B, H, W]`` on ``images``
     ``[B, C, H, W]`` (module docstring), ties and noise keyed by the samples' ``indices``.
 
-    The ``2·P·B`` perturbed images are imputed and scored in chunks of at most ``batch_size``
+    The ``O·P·B`` perturbed images (``O`` orders) are imputed and scored in chunks of at most ``batch_size``
     (any mix of orders, percentages and samples; one batched conjugate-gradient solve and one
     forward pass per chunk) in the model's current mode, so ``batch_size`` bounds the memory
     and changes nothing else. Perturbation ``(order o, percentage j)`` of a sample draws its
-    noise as ``draw = o·P + j`` (:func:`noisy_linear_imputation`).
+    noise as ``draw = o·P + j`` (:func:`noisy_linear_imputation`; ``o`` = 0 for MoRF, 1 for
+    LeRF, whichever orders are computed, so a curve does not depend on ``orders``).
     """
     percentages = check_percentages(percentages)
+    if isinstance(orders, str) or not orders or any(o not in ORDERS for o in orders):
+        raise ValueError(f"orders must be a non-empty subset of {ORDERS}, got {orders!r}")
+    order_codes = sorted({ORDERS.index(o) for o in orders})
     if score not in SCORES:
         raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     if batch_size < 1:
@@ -336,10 +347,11 @@ def road(
     classes = classes.reshape(b).to(device)
     indices = indices.reshape(b).to(device)
     num = len(percentages)
-    scores = torch.empty(2 * num * b, device=device)
-    # Item t is (order t // (P·B), percentage (t // B) % P, sample t % B).
-    for items in torch.arange(2 * num * b, device=device).split(batch_size):
-        order, step, sample = items // (num * b), (items // b) % num, items % b
+    codes = torch.tensor(order_codes, device=device)
+    scores = torch.empty(len(order_codes) * num * b, device=device)
+    # Item t is (order codes[t // (P·B)], percentage (t // B) % P, sample t % B).
+    for items in torch.arange(scores.numel(), device=device).split(batch_size):
+        order, step, sample = codes[items // (num * b)], (items // b) % num, items % b
         count = counts[step].view(-1, 1)
         item_ranks = ranks[sample]
         removed = torch.where(
@@ -351,7 +363,7 @@ def road(
         )  # fmt: skip
         logits = model(imputed.contiguous(memory_format=torch.channels_last))
         scores[items] = _class_scores(logits, classes[sample], score)
-    curves = scores.view(2, num, b).permute(0, 2, 1)
+    curves = dict(zip(order_codes, scores.view(-1, num, b).permute(0, 2, 1), strict=True))
     return RoadResult(
-        percentages=torch.tensor(percentages), morf_curve=curves[0], lerf_curve=curves[1]
+        percentages=torch.tensor(percentages), morf_curve=curves.get(0), lerf_curve=curves.get(1)
     )
