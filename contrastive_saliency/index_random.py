@@ -37,6 +37,7 @@ STREAM_SHAP_NOISE = 12
 STREAM_PIXEL_SUBSETS = 20
 STREAM_PERTURBATION_BASELINE = 21
 STREAM_SENSITIVITY = 22  # Max-/Avg-Sensitivity's input noise (metrics.functional.sensitivity)
+STREAM_ROAD_NOISE = 23  # ROAD's imputation noise (metrics.functional.road)
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,7 @@ from contrastive_saliency.metrics.registry import (
     register_metric,
 )
 from contrastive_saliency.metrics.representation import ChannelActivity
+from contrastive_saliency.metrics.road import Road, RoadLeRF, RoadMoRF
 from contrastive_saliency.metrics.sanity_checks import MapSimilarity
 from contrastive_saliency.metrics.sensitivity import AvgSensitivity, MaxSensitivity
 
@@ -99,6 +100,9 @@ __all__ = [
     "RegisteredMetric",
     "RelativeDrop",
     "RelevanceRankAccuracy",
+    "Road",
+    "RoadLeRF",
+    "RoadMoRF",
     "SampleMetric",
     "Sparseness",
     "TopKIntersection",

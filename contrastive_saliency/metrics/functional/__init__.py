@@ -84,6 +84,12 @@ from contrastive_saliency.metrics.functional.representation import (
     classifier_weight_similarity,
     cosine_similarity_matrix,
 )
+from contrastive_saliency.metrics.functional.road import (
+    RoadResult,
+    linear_imputation,
+    noisy_linear_imputation,
+    road,
+)
 from contrastive_saliency.metrics.functional.sensitivity import (
     avg_sensitivity,
     max_sensitivity,
@@ -93,6 +99,7 @@ from contrastive_saliency.metrics.functional.sensitivity import (
 __all__ = [
     "ClassChannelActivity",
     "PICResult",
+    "RoadResult",
     "active_channel_mask",
     "aggregate_pic",
     "aopc",
@@ -130,6 +137,7 @@ __all__ = [
     "insertion_curve",
     "irof",
     "irof_curve",
+    "linear_imputation",
     "localisation_error",
     "mask_top_pixels",
     "masked_confidences",
@@ -137,6 +145,7 @@ __all__ = [
     "min_max_normalise",
     "monotonicity",
     "monotonicity_correlation",
+    "noisy_linear_imputation",
     "pearson_rows",
     "perturbation_curve",
     "pic_curves",
@@ -152,6 +161,7 @@ __all__ = [
     "relative_drop",
     "relevance_rank_accuracy",
     "resolve_randomisation_order",
+    "road",
     "sensitivity_samples",
     "slic_segments",
     "soft_mask_confidences",
