@@ -30,8 +30,10 @@ from contrastive_saliency.metrics.functional.localisation import (
     top_k_intersection,
 )
 from contrastive_saliency.metrics.functional.map_similarity import (
+    cosine_similarity_maps,
     hog_features,
     hog_similarity,
+    pearson_similarity,
     spearman_similarity,
     ssim_similarity,
 )
@@ -83,6 +85,7 @@ __all__ = [
     "classifier_weight_similarity",
     "complexity",
     "confidence_drop",
+    "cosine_similarity_maps",
     "cosine_similarity_matrix",
     "curve_auc",
     "default_randomisation_order",
@@ -105,6 +108,7 @@ __all__ = [
     "mask_top_pixels",
     "masked_confidences",
     "min_max_normalise",
+    "pearson_similarity",
     "perturbation_curve",
     "pic_curves",
     "pointing_game",
