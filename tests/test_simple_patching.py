@@ -78,3 +78,19 @@ def test_vit_patch_grid_classes_from_shared_forwards_and_errors() -> None:
         )
     with pytest.raises(ConfigurationError, match="selection"):
         create_method("simple_insertion", model, selection="box3")
+
+
+def test_the_evaluation_gives_the_baselines_the_datas_normalisation() -> None:
+    """The white blank is pixel value 1 in the data's normalisation, as for CAAP."""
+    from callbacks.evaluation import SaliencyEvaluationCallback
+
+    sample = {"image": torch.zeros(3, 32, 32), "label": 0, "index": 0}
+    evaluation = SaliencyEvaluationCallback(
+        methods=["simple_insertion", "simple_deletion"], metrics=["deletion_auc"],
+        targets=["top1"],
+    )  # fmt: skip
+    data = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    evaluation.prepare(small_vit(), sample, normalisation=data)
+    for combination in evaluation.combinations:
+        assert combination.method.normalisation == data
+        assert combination.method.blank == "white"
