@@ -243,3 +243,35 @@ def test_parallel_equals_loop_vit_tiny_224() -> None:
     assert actual.shape == (1, 2, 14, 14)
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
     assert spread(expected) > 1e-3
+
+
+def test_noise_blanks_of_fig_4() -> None:
+    """``noisy``: i.i.d. N(0, noise_std²) in normalised space, one image drawn from
+    ``noise_seed``; ``blur_noisy``: the white blank plus that noise, blurred (11×11, σ 5). A
+    Gaussian blur with reflect padding keeps a constant, so blur(white + ε) = white + blur(ε)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    model = small_vit()
+    images, classes = inputs(model)
+    noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    noisy = CAAP(model, blank="noisy", noise_seed=3).compute(images, classes)
+    torch.testing.assert_close(noisy, CAAP(model, blank=noise).compute(images, classes))
+    half = CAAP(model, blank="noisy", noise_seed=3, noise_std=0.5).compute(images, classes)
+    torch.testing.assert_close(half, CAAP(model, blank=0.5 * noise).compute(images, classes))
+    white = (1.0 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)
+    blurred_noise = gaussian_blur(noise, [11, 11], [5.0, 5.0])
+    assert blurred_noise.std() < 0.5 * noise.std()  # the blur smooths the noise
+    blur_noisy = CAAP(model, blank="blur_noisy", noise_seed=3).compute(images, classes)
+    expected = CAAP(model, blank=white.view(1, 3, 1, 1) + blurred_noise).compute(images, classes)
+    torch.testing.assert_close(blur_noisy, expected, atol=1e-5, rtol=1e-5)
+    # one blank for every image: an image alone gets the map it gets in the batch
+    alone = CAAP(model, blank="noisy", noise_seed=3).compute(images[1:], classes[1:])
+    torch.testing.assert_close(alone, noisy[1:])
+    other_seed = CAAP(model, blank="noisy", noise_seed=4).compute(images, classes)
+    assert (other_seed - noisy).abs().max() > 1e-4
+    # noisy needs no normalisation; blur_noisy adds the noise to the white blank, so it does
+    CAAP(without_normalisation(small_vit()), blank="noisy")
+    with pytest.raises(ConfigurationError, match="normalisation"):
+        CAAP(without_normalisation(small_vit()), blank="blur_noisy")
+    with pytest.raises(ConfigurationError, match="noise_std"):
+        CAAP(model, blank="noisy", noise_std=0.0)

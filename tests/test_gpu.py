@@ -98,7 +98,8 @@ METHOD_FAMILIES = {
     "score_cams": ["score_cam", "ablation_cam", "finer_score_cam", "cluscam"],
     "vit": [
         "caap", "attention_rollout", "grad_rollout", "transition_attention",
-        "bidirectional_attention", "transformer_attribution", "inflow",
+        "bidirectional_attention", "transformer_attribution", "inflow", "simple_insertion",
+        "simple_deletion",
     ],
     "input_gradients": [
         "saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "guided_backprop",
@@ -355,9 +356,10 @@ CONTINUOUS = {*METHOD_FAMILIES["gradient_cams"], *METHOD_FAMILIES["vit"], "score
 # value by O(1), so no multiple of u bounds them; their bound only catches gross errors
 # (T-LRP, CPU: median 81u float16, 47u bfloat16). Occlusion joins them for another reason: its
 # map is a difference of two nearly equal scores, S_c(x) − S_c(occluded x), whose cancellation
-# no fixed κ bounds.
+# no fixed κ bounds; so does Simple Deletion (CAAP App. B.2), the same difference.
 DECISIONS = {*METHOD_FAMILIES["input_gradients"], *METHOD_FAMILIES["occlusion"], "lrp",
-             "transformer_attribution", "var", "cluscam", "full_grad"}  # fmt: skip
+             "transformer_attribution", "var", "cluscam", "full_grad",
+             "simple_deletion"}  # fmt: skip
 MAP_TOLERANCE_U = {"continuous": 64, "decisions": 256}
 
 

@@ -8,6 +8,7 @@ import torch
 from sklearn.metrics import average_precision_score
 from torchvision.transforms.functional import gaussian_blur
 
+from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.metrics.functional.localisation import (
     aupr,
     average_precision,
@@ -312,3 +313,85 @@ def test_relevance_rank_accuracy_closed_forms_ties_and_quantus_parity():
     )
     ours = relevance_rank_accuracy(torch.from_numpy(a[:, 0]), torch.from_numpy(s[:, 0] > 0))
     np.testing.assert_allclose(ours.numpy(), np.asarray(theirs, dtype=np.float64), rtol=1e-6)
+
+
+def _blurred_1d_mass(length: int, start: int, stop: int, kernel: int, sigma: float):
+    """``(inside, total)`` mass of the 1-D indicator of ``[start, stop)`` after a normalised
+    ``kernel``-tap Gaussian with reflect padding (numpy, independent of torchvision)."""
+    taps = np.arange(kernel) - kernel // 2
+    weights = np.exp(-(taps**2) / (2 * sigma**2))
+    weights /= weights.sum()
+    signal = np.zeros(length)
+    signal[start:stop] = 1.0
+    padded = np.pad(signal, kernel // 2, mode="reflect")
+    blurred = np.convolve(padded, weights[::-1], mode="valid")
+    return blurred[start:stop].sum(), blurred.sum()
+
+
+def test_registered_grid_region_scores_closed_form_on_every_cell_of_a_grid():
+    """VAR App. B.1 through the registered metric on the evaluation's [B, cells, H, W] form:
+    each cell's map is its own cell (every score 1 without blur); after the 11×11 blur
+    (σ = 2) RA is the separable 1-D mass share squared, and the attributed set is the cell
+    grown by the 5-pixel kernel radius inside the image (21×21 for a 16×16 corner cell)."""
+    from contrastive_saliency.metrics.registry import create_metric
+
+    size, cell = 32, 16
+    masks = grid_cell_masks(torch.arange(4), size, size)
+    maps = masks.float().unsqueeze(0)  # one grid, four cells, each map exactly its cell
+    index = torch.tensor([7])
+    exact = create_metric("grid_region_scores", blur_kernel=1)
+    exact.update(**exact.update_arguments(_grid_inputs(maps, index)))
+    _, table = exact.per_sample_table()
+    for suffix in ("ra", "iou", "precision", "recall", "f1"):
+        torch.testing.assert_close(table[f"grid_region_scores_{suffix}"], torch.tensor([1.0]))
+    blurred = create_metric("grid_region_scores")  # the paper's 11×11 blur
+    blurred.update(**blurred.update_arguments(_grid_inputs(maps, index)))
+    _, table = blurred.per_sample_table()
+    inside, total = _blurred_1d_mass(size, 0, cell, 11, 2.0)
+    expected_ra = torch.tensor([(inside / total) ** 2], dtype=torch.float32)
+    torch.testing.assert_close(table["grid_region_scores_ra"], expected_ra)
+    precision = cell**2 / 21**2
+    torch.testing.assert_close(table["grid_region_scores_precision"], torch.tensor([precision]))
+    torch.testing.assert_close(table["grid_region_scores_recall"], torch.tensor([1.0]))
+    torch.testing.assert_close(table["grid_region_scores_iou"], torch.tensor([precision]))
+    f1 = 2 * precision / (precision + 1)
+    torch.testing.assert_close(table["grid_region_scores_f1"], torch.tensor([f1]))
+    # Per grid the mean over its cells: cells 0 and 1 swap maps (each lies in the other's
+    # cell, 0 everywhere), cells 2 and 3 keep theirs (1): every score 0.5 without blur.
+    swapped = maps[:, [1, 0, 2, 3]]
+    half = create_metric("grid_region_scores", blur_kernel=1)
+    half.update(**half.update_arguments(_grid_inputs(swapped, index)))
+    _, table = half.per_sample_table()
+    for suffix in ("ra", "iou", "precision", "recall", "f1"):
+        torch.testing.assert_close(table[f"grid_region_scores_{suffix}"], torch.tensor([0.5]))
+
+
+def test_registered_region_scores_read_the_configured_mask():
+    from contrastive_saliency.metrics.registry import create_metric, metric_class
+
+    assert metric_class("grid_region_scores").target_kind == "grid"
+    assert metric_class("region_scores").needed_keys({"mask_key": "part_mask"}) == ("part_mask",)
+    maps = torch.zeros(1, 1, 16, 16)
+    maps[0, 0, :4, :4] = 2.0
+    part = torch.zeros(1, 16, 16, dtype=torch.bool)
+    part[0, :4, :8] = True  # the map covers half of the part and lies wholly inside it
+    inputs = _grid_inputs(maps, torch.tensor([3]), batch={"part_mask": part})
+    metric = create_metric("region_scores", mask_key="part_mask", blur_kernel=1)
+    metric.update(**metric.update_arguments(inputs))
+    _, table = metric.per_sample_table()
+    expected = {"ra": 1.0, "iou": 0.5, "precision": 1.0, "recall": 0.5, "f1": 2 / 3}
+    for suffix, value in expected.items():
+        torch.testing.assert_close(table[f"region_scores_{suffix}"], torch.tensor([value]))
+    with pytest.raises(ConfigurationError, match="blur_kernel"):
+        metric_class("region_scores").check_options({"blur_kernel": 4}, "region_scores")
+
+
+def _grid_inputs(maps: torch.Tensor, index: torch.Tensor, batch: dict | None = None):
+    from contrastive_saliency.metrics.registry import MetricInputs
+
+    images = torch.zeros(maps.shape[0], 3, *maps.shape[-2:])
+    return MetricInputs(
+        model=None, images=images, maps=maps,
+        classes=torch.zeros(maps.shape[:2], dtype=torch.long), logits=None,
+        batch={"index": index, **(batch or {})},
+    )  # fmt: skip

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.spatial.distance
+import scipy.stats
 import torch
 from scipy.stats import rankdata, spearmanr
 from skimage.feature import hog
@@ -11,8 +13,10 @@ from skimage.metrics import structural_similarity
 
 from contrastive_saliency.metrics.functional.map_similarity import (
     average_ranks,
+    cosine_similarity_maps,
     hog_features,
     hog_similarity,
+    pearson_similarity,
     spearman_similarity,
     ssim_similarity,
 )
@@ -225,3 +229,37 @@ def test_cuda_matches_cpu():
         on_gpu = function(ta.cuda(), tb.cuda())
         assert on_gpu.device.type == "cuda"
         torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=1e-5)
+
+
+def test_pearson_and_cosine_closed_forms():
+    """VAR App. Figs. 8–14: Pearson is invariant to a positive affine map and flips sign with a
+    negative one; cosine is not centred, so a shift changes it by a closed form; orthogonal
+    maps score 0; a constant (Pearson) or all-zero (cosine) map scores 0, never NaN."""
+    a = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    torch.testing.assert_close(pearson_similarity(a, 2 * a + 3), torch.ones(1))
+    torch.testing.assert_close(pearson_similarity(a, -a), -torch.ones(1))
+    torch.testing.assert_close(cosine_similarity_maps(a, 2 * a), torch.ones(1))
+    # ⟨a, a + 1⟩ / (‖a‖ ‖a + 1‖) = (30 + 10) / (√30 · √54)
+    torch.testing.assert_close(
+        cosine_similarity_maps(a, a + 1), torch.tensor([40 / (30**0.5 * 54**0.5)])
+    )
+    left = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    right = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
+    torch.testing.assert_close(cosine_similarity_maps(left, right), torch.zeros(1))
+    torch.testing.assert_close(pearson_similarity(left, right), -torch.ones(1))
+    torch.testing.assert_close(pearson_similarity(a, torch.full_like(a, 5.0)), torch.zeros(1))
+    torch.testing.assert_close(cosine_similarity_maps(a, torch.zeros_like(a)), torch.zeros(1))
+
+
+@pytest.mark.parametrize("size", [(3, 8, 8), (2, 5, 7)])
+def test_pearson_and_cosine_match_scipy(size):
+    generator = np.random.default_rng(sum(size))
+    a, b = generator.normal(size=size), generator.normal(size=size)
+    pearson = pearson_similarity(torch.from_numpy(a), torch.from_numpy(b))
+    cosine = cosine_similarity_maps(torch.from_numpy(a), torch.from_numpy(b))
+    for row in range(size[0]):
+        x, y = a[row].ravel(), b[row].ravel()
+        assert pearson[row].item() == pytest.approx(scipy.stats.pearsonr(x, y)[0], abs=1e-12)
+        assert cosine[row].item() == pytest.approx(
+            1 - scipy.spatial.distance.cosine(x, y), abs=1e-12
+        )

@@ -288,15 +288,28 @@ CASES = [
         "region_scores",
         lambda: RegionScores(blur_kernel=5, threshold=0.5),
         lambda m, d, s, _: m.update(d["maps"][s], d["masks"][s], SAMPLE_INDEX[s]),
-        lambda d, _: F.region_scores(d["maps"], d["masks"], blur_kernel=5, threshold=0.5),
+        lambda d, _: _region_columns(
+            "region_scores", F.region_scores(d["maps"], d["masks"], blur_kernel=5, threshold=0.5)
+        ),
     ),
     Case(
         "grid_region_scores",
         lambda: GridRegionScores(grid=2, blur_kernel=3),
         lambda m, d, s, _: m.update(d["maps"][s], d["cells"][s], SAMPLE_INDEX[s]),
-        lambda d, _: F.grid_region_scores(d["maps"], d["cells"], grid=2, blur_kernel=3),
+        lambda d, _: _region_columns(
+            "grid_region_scores", F.grid_region_scores(d["maps"], d["cells"], grid=2, blur_kernel=3)
+        ),
     ),
 ]
+
+
+def _region_columns(name: str, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The functional's VAR region scores under the registered metric's column names."""
+    suffixes = {"region_attribution": "_ra", "iou": "_iou", "precision": "_precision",
+                "recall": "_recall", "f1": "_f1"}  # fmt: skip
+    return {name + suffixes[key]: value for key, value in scores.items()}
+
+
 MODEL_CASES = [case for case in CASES if case.queries_model]
 
 

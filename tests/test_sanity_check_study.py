@@ -29,7 +29,8 @@ import pytest
 import torch
 from matplotlib.lines import Line2D
 
-from callbacks.evaluation.randomisation import MEASURES, TARGETS, randomisation_curves
+from callbacks.evaluation.randomisation import DEFAULT_MEASURES as MEASURES
+from callbacks.evaluation.randomisation import TARGETS, randomisation_curves
 from callbacks.report.plots import build_sanity_figure, sanity_curves
 from contrastive_saliency.methods import create_method
 from contrastive_saliency.metrics.functional import grouped_randomisation_order

@@ -82,10 +82,10 @@ def check_sanity_options(
     """
     if options is None:
         return None
-    from callbacks.evaluation.randomisation import MEASURES, TARGETS, check_measures
+    from callbacks.evaluation.randomisation import DEFAULT_MEASURES, TARGETS, check_measures
 
     defaults = {
-        "samples": 4, "measures": list(MEASURES), "target": "randomised_argmax",
+        "samples": 4, "measures": list(DEFAULT_MEASURES), "target": "randomised_argmax",
         "max_steps": None, "seed": 0, "order": None, "group_depth": None,
     }  # fmt: skip
     unknown = set(options) - set(defaults) - {"measure"}

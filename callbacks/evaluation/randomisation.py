@@ -5,8 +5,10 @@ model should drift away; one that stays similar is insensitive to the parameters
 
 Protocol (PROTOCOLS.md, "Sanity check"): the maps are compared by the Spearman rank correlation
 with and without absolute value, SSIM of the [0, 1]-normalised maps and the Spearman
-correlation of their HOG features (:mod:`contrastive_saliency.metrics.functional.map_similarity`); all
-requested measures are computed from the same maps in one pass. The class explained on a
+correlation of their HOG features (:mod:`contrastive_saliency.metrics.functional.map_similarity`;
+Adebayo et al.'s four, the default); VAR App. Figs. 8–14 add the cosine similarity and the
+Pearson correlation of the maps (``cosine``, ``pearson``). All requested measures are
+computed from the same maps in one pass. The class explained on a
 randomised model is that model's own argmax (``target="randomised_argmax"``, Adebayo et al.'s
 reference code); ``target="original"`` keeps explaining the trained model's prediction.
 """
@@ -21,13 +23,16 @@ from torch import nn
 
 from contrastive_saliency.metrics.functional import (
     cascading_randomisation,
+    cosine_similarity_maps,
     default_randomisation_order,
     hog_similarity,
+    pearson_similarity,
     spearman_similarity,
     ssim_similarity,
 )
 
-MEASURES = ("spearman_abs", "spearman", "ssim", "hog")
+DEFAULT_MEASURES = ("spearman_abs", "spearman", "ssim", "hog")  # Adebayo et al. Sec. 4
+MEASURES = (*DEFAULT_MEASURES, "cosine", "pearson")  # + VAR App. Figs. 8–14
 TARGETS = ("randomised_argmax", "original")
 ROOT_STEP = "(root parameters)"  # the step label of the model's own parameters (name "")
 MethodBuilder = Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
@@ -36,7 +41,9 @@ MethodBuilder = Callable[[nn.Module], Callable[[torch.Tensor, torch.Tensor], tor
 def map_similarity(measure: str, original: torch.Tensor, randomised: torch.Tensor) -> torch.Tensor:
     """Per-sample similarity ``[B]`` of two ``[B, H, W]`` map batches by one of :data:`MEASURES`:
     ``spearman_abs`` / ``spearman`` (rank correlation with / without absolute value), ``ssim``
-    (maps min-max normalised to [0, 1]) and ``hog`` (rank correlation of HOG descriptors)."""
+    (maps min-max normalised to [0, 1]), ``hog`` (rank correlation of HOG descriptors),
+    ``cosine`` (cosine similarity of the maps as pixel vectors) and ``pearson`` (Pearson
+    correlation of the maps)."""
     if measure == "spearman_abs":
         return spearman_similarity(original, randomised, absolute=True)
     if measure == "spearman":
@@ -45,6 +52,10 @@ def map_similarity(measure: str, original: torch.Tensor, randomised: torch.Tenso
         return ssim_similarity(original, randomised)
     if measure == "hog":
         return hog_similarity(original, randomised)
+    if measure == "cosine":
+        return cosine_similarity_maps(original, randomised)
+    if measure == "pearson":
+        return pearson_similarity(original, randomised)
     raise ValueError(f"unknown similarity measure {measure!r}; valid: {', '.join(MEASURES)}")
 
 
@@ -90,7 +101,7 @@ def randomisation_curves(
     images: torch.Tensor,
     builders: Mapping[tuple[str, str], MethodBuilder],
     *,
-    measures: Sequence[str] = MEASURES,
+    measures: Sequence[str] = DEFAULT_MEASURES,
     target: str = "randomised_argmax",
     classes: torch.Tensor | None = None,
     order: Sequence[str] | None = None,

@@ -22,6 +22,7 @@ from contrastive_saliency.methods import (  # noqa: F401  (registers the methods
     reference_maps,
     rise,
     score_cams,
+    simple_patching,
     transformer_attribution,
     transition_attention,
     var,

@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
 
 from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.gradients import _check_classes
@@ -28,13 +29,107 @@ from contrastive_saliency.vit_blocks import (
 Mode = Literal["parallel", "loop"]
 Prototype = Literal["mean", "weighted"]
 SELECTIONS = ("none", "box1", "box2", "manhattan")
-NAMED_BLANKS = ("zeros", "white", "black")
+NAMED_BLANKS = ("zeros", "white", "black", "noisy", "blur_noisy")
+NOISE_BLUR = (11, 5.0)  # blur_noisy's Gaussian (kernel, σ): the insertion blur (RISE; PROTOCOLS.md)
 
 BlankSpec = str | float | Sequence[float] | torch.Tensor
 
 
+class BlankContext:
+    """The blank image ``x_0`` of CAAP and of its input-level baselines (``simple_insertion``,
+    ``simple_deletion``): the ``blank`` option (see :class:`CAAP`), the images'
+    ``normalisation`` and the noise blanks' ``noise_std`` / ``noise_seed``."""
+
+    blank_owner: str = "caap"
+
+    def _init_blank(
+        self,
+        blank: BlankSpec,
+        normalisation: tuple[Sequence[float], Sequence[float]] | None,
+        noise_std: float,
+        noise_seed: int,
+    ) -> None:
+        self.blank = check_blank(blank)
+        self.normalisation = check_normalisation(normalisation)
+        if isinstance(self.blank, str) and self.blank in ("white", "black", "blur_noisy"):
+            self._pixel_statistics()  # a pixel colour without a normalisation fails now
+        if isinstance(noise_std, bool) or not isinstance(noise_std, int | float) or noise_std <= 0:
+            raise ConfigurationError(
+                f"{self.blank_owner} noise_std is the noise blanks' standard deviation in "
+                f"normalised space, a positive number; got {noise_std!r}"
+            )
+        if isinstance(noise_seed, bool) or not isinstance(noise_seed, int):
+            raise ConfigurationError(
+                f"{self.blank_owner} noise_seed must be an integer, got {noise_seed!r}"
+            )
+        self.noise_std = float(noise_std)
+        self.noise_seed = noise_seed
+
+    def _blank_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``x_0`` as ``[1 or B, C, H, W]`` in the images' normalised space."""
+        batch, channels, height, width = images.shape
+        options = {"device": images.device, "dtype": images.dtype}
+        if isinstance(self.blank, str):
+            if self.blank == "zeros":
+                return torch.zeros(1, channels, height, width, **options)
+            if self.blank in ("noisy", "blur_noisy"):
+                return self._noise_blank(channels, height, width).to(**options)
+            mean, std = self._pixel_statistics()
+            pixel = 1.0 if self.blank == "white" else 0.0
+            mean = torch.as_tensor(mean, **options)
+            std = torch.as_tensor(std, **options)
+            colour = (pixel - mean) / std
+        else:
+            colour = self.blank.to(**options)
+        if colour.dim() == 0:
+            colour = colour.expand(1, channels, height, width)
+        elif colour.dim() == 1:
+            colour = colour.view(1, -1, 1, 1).expand(1, -1, height, width)
+        elif colour.dim() == 3:
+            colour = colour.unsqueeze(0)
+        if (
+            colour.dim() != 4
+            or colour.shape[0] not in (1, batch)
+            or colour.shape[1:] != (channels, height, width)
+        ):
+            raise ConfigurationError(
+                f"{self.blank_owner} blank has shape {tuple(colour.shape)}; for images "
+                f"{tuple(images.shape)} use [{channels}], [{channels}, {height}, {width}] or "
+                f"[1 or {batch}, {channels}, {height}, {width}]"
+            )
+        return colour
+
+    def _noise_blank(self, channels: int, height: int, width: int) -> torch.Tensor:
+        """``[1, C, H, W]`` (float32, CPU): the ``noisy`` or ``blur_noisy`` blank."""
+        generator = torch.Generator().manual_seed(self.noise_seed)
+        noise = torch.randn(1, channels, height, width, generator=generator) * self.noise_std
+        if self.blank == "noisy":
+            return noise
+        mean, std = self._pixel_statistics()
+        white = (1.0 - torch.as_tensor(mean, dtype=torch.float32)) / torch.as_tensor(
+            std, dtype=torch.float32
+        )
+        kernel, sigma = NOISE_BLUR
+        return gaussian_blur(white.view(1, -1, 1, 1) + noise, [kernel, kernel], [sigma, sigma])
+
+    def _pixel_statistics(self) -> tuple[Sequence[float], Sequence[float]]:
+        """The images' ``(mean, std)``: ``normalisation``, else the model's pretrained_cfg."""
+        if self.normalisation is not None:
+            return self.normalisation
+        model = getattr(self, "vit", self.model)
+        config = getattr(model, "pretrained_cfg", None) or {}
+        if "mean" in config and "std" in config:
+            return config["mean"], config["std"]
+        raise ConfigurationError(
+            f"blank={self.blank!r} is a pixel colour: it needs the images' normalisation, and "
+            f"{type(model).__name__} carries no pretrained_cfg 'mean' and 'std'; pass "
+            f"normalisation=(mean, std), blank='zeros', or the blank colour in normalised "
+            f"space as a tensor"
+        )
+
+
 @register_method("caap")
-class CAAP(SaliencyMethod):
+class CAAP(BlankContext, SaliencyMethod):
     """CAAP (``caap.md`` Alg. 1, Eqs. 1–3, Sec. 3.1–3.3, App. B.1) on timm ViTs.
 
     For every patch ``p`` the patched context ``c*(p)`` takes the source image's activations
@@ -107,6 +202,8 @@ class CAAP(SaliencyMethod):
         precompute_blank: bool = False,
         blank_prototype: Prototype = "mean",
         normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
+        noise_std: float = 1.0,
+        noise_seed: int = 0,
     ) -> None:
         super().__init__(model)
         if layer is not None:
@@ -154,10 +251,7 @@ class CAAP(SaliencyMethod):
         self.mode = mode
         self.selection = selection
         self.layers = check_layers(layers, len(vit.blocks))
-        self.blank = check_blank(blank)
-        self.normalisation = check_normalisation(normalisation)
-        if isinstance(self.blank, str) and self.blank != "zeros":
-            self._pixel_statistics()  # a pixel colour without a normalisation fails now
+        self._init_blank(blank, normalisation, noise_std, noise_seed)
         self.patch_batch_size = patch_batch_size
         self.precompute_blank = precompute_blank
         self.blank_prototype = blank_prototype
@@ -197,52 +291,6 @@ class CAAP(SaliencyMethod):
                 f"has a {grid[0]}x{grid[1]} patch grid, so it must be [{patches}, {patches}]"
             )
         return self.selection.to(device)
-
-    def _blank_image(self, images: torch.Tensor) -> torch.Tensor:
-        """``x_0`` as ``[1 or B, C, H, W]`` in the images' normalised space."""
-        batch, channels, height, width = images.shape
-        options = {"device": images.device, "dtype": images.dtype}
-        if isinstance(self.blank, str):
-            if self.blank == "zeros":
-                return torch.zeros(1, channels, height, width, **options)
-            mean, std = self._pixel_statistics()
-            pixel = 1.0 if self.blank == "white" else 0.0
-            mean = torch.as_tensor(mean, **options)
-            std = torch.as_tensor(std, **options)
-            colour = (pixel - mean) / std
-        else:
-            colour = self.blank.to(**options)
-        if colour.dim() == 0:
-            colour = colour.expand(1, channels, height, width)
-        elif colour.dim() == 1:
-            colour = colour.view(1, -1, 1, 1).expand(1, -1, height, width)
-        elif colour.dim() == 3:
-            colour = colour.unsqueeze(0)
-        if (
-            colour.dim() != 4
-            or colour.shape[0] not in (1, batch)
-            or colour.shape[1:] != (channels, height, width)
-        ):
-            raise ConfigurationError(
-                f"caap blank has shape {tuple(colour.shape)}; for images "
-                f"{tuple(images.shape)} use [{channels}], [{channels}, {height}, {width}] or "
-                f"[1 or {batch}, {channels}, {height}, {width}]"
-            )
-        return colour
-
-    def _pixel_statistics(self) -> tuple[Sequence[float], Sequence[float]]:
-        """The images' ``(mean, std)``: ``normalisation``, else the model's pretrained_cfg."""
-        if self.normalisation is not None:
-            return self.normalisation
-        config = getattr(self.vit, "pretrained_cfg", None) or {}
-        if "mean" in config and "std" in config:
-            return config["mean"], config["std"]
-        raise ConfigurationError(
-            f"blank={self.blank!r} is a pixel colour: it needs the images' normalisation, and "
-            f"{type(self.vit).__name__} carries no pretrained_cfg 'mean' and 'std'; pass "
-            f"normalisation=(mean, std), blank='zeros', or the blank colour in normalised "
-            f"space as a tensor"
-        )
 
 
 def check_layers(layers: tuple[int, int] | None, depth: int) -> tuple[int, int]:

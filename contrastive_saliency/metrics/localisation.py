@@ -31,7 +31,15 @@ from contrastive_saliency.metrics.functional.localisation import (
 from contrastive_saliency.metrics.per_sample import SampleMetric
 from contrastive_saliency.metrics.registry import MetricInputs, RegisteredMetric, register_metric
 
-_REGION_COLUMNS = ("region_attribution", "iou", "precision", "recall", "f1")
+# output suffix → (key of the functional's dict, title); VAR App. B.1
+_REGION_OUTPUTS = {
+    "_ra": ("region_attribution", "region attribution (RA)"),
+    "_iou": ("iou", "IoU"),
+    "_precision": ("precision", "precision"),
+    "_recall": ("recall", "recall"),
+    "_f1": ("f1", "F1"),
+}
+_REGION_TITLES = {suffix: title for suffix, (_, title) in _REGION_OUTPUTS.items()}
 
 
 def _check_grid(grid: int) -> int:
@@ -269,11 +277,12 @@ class GridPointingGame(RegisteredMetric):
         return {"maps": inputs.maps, "cell_index": None, "index": inputs.index}
 
 
-class _RegionScoreOptions(SampleMetric):
-    """Shared options of :class:`RegionScores` and :class:`GridRegionScores`."""
+class _RegionScoreOptions(RegisteredMetric):
+    """Shared options of :class:`RegionScores` and :class:`GridRegionScores`: VAR App. B.1's
+    scores as five values (outputs ``_ra``, ``_iou``, ``_precision``, ``_recall``, ``_f1``)."""
 
-    value_names: ClassVar[tuple[str, ...]] = _REGION_COLUMNS
     higher_is_better = True
+    family = "localisation"
 
     def __init__(
         self,
@@ -285,48 +294,48 @@ class _RegionScoreOptions(SampleMetric):
     ) -> None:
         super().__init__(**kwargs)
         _check_region_options(blur_kernel, threshold)
+        if blur_sigma is not None and not blur_sigma > 0:
+            raise ValueError(
+                f"blur_sigma must be positive or None (OpenCV's default), got {blur_sigma}"
+            )
         self.blur_kernel = blur_kernel
         self.blur_sigma = blur_sigma
         self.threshold = threshold
         self.eps = eps
 
+    def _add_scores(self, index: torch.Tensor, scores: Mapping[str, torch.Tensor]) -> None:
+        """Store the functional's ``scores`` (keyed ``region_attribution``, ``iou``, ...) under
+        this metric's value names."""
+        self._add(
+            index,
+            **{self.name + suffix: scores[key] for suffix, (key, _) in _REGION_OUTPUTS.items()},
+        )
 
-class RegionScores(_RegionScoreOptions):
-    """VAR's localisation scores against a mask (VAR App. B.1): region attribution (mass in
-    the region after an 11×11 Gaussian blur of the positive map), IoU, precision, recall and
-    F1 of the attributed pixels; reported as means.
+
+@register_metric("region_scores")
+class RegionScores(_RegionScoreOptions, _MaskMetric):
+    """VAR's localisation scores against a region (VAR App. B.1, its COCO protocol with
+    ``mask_key: mask``): region attribution (share of the positive map's mass in the region
+    after an 11×11 Gaussian blur), IoU, precision, recall and F1 of the attributed pixels;
+    reported as means.
 
     Args:
+        mask_key: the batch field of the region (``mask``, ``part_mask`` or ``boxes``).
         blur_kernel, blur_sigma, threshold, eps: as
             :func:`~contrastive_saliency.metrics.functional.localisation.region_scores`.
         kwargs: torchmetrics ``Metric`` options.
 
-    ``update(maps, masks, index)``. Columns: ``region_attribution``, ``iou``, ``precision``,
-    ``recall``, ``f1``.
+    ``update(maps, masks, index)``. Columns: ``region_scores_ra``, ``region_scores_iou``,
+    ``region_scores_precision``, ``region_scores_recall``, ``region_scores_f1``.
     """
 
-    def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
-        """Region scores of ``maps`` against ``masks`` (bool) for the samples ``index``."""
-        scores = region_scores(
-            maps, masks, self.blur_kernel, self.blur_sigma, self.threshold, self.eps
-        )
-        self._add(index, **scores)
-
-
-class GridRegionScores(_RegionScoreOptions):
-    """:class:`RegionScores` with the target cell of a ``grid × grid`` image as the region
-    (VAR Sec. 4.1 / App. B.1, Quad-ImageNet).
-
-    Args:
-        grid: cells per side (2 for Quad grids); the others as :class:`RegionScores`.
-
-    ``update(maps, cell_index, index)`` with ``cell_index`` ``[B]`` row-major target cells.
-    Columns as :class:`RegionScores`.
-    """
+    title = "VAR region scores"
+    target_kind = "single"
+    outputs: ClassVar[dict[str, str]] = _REGION_TITLES
 
     def __init__(
         self,
-        grid: int = 2,
+        mask_key: str = "mask",
         blur_kernel: int = 11,
         blur_sigma: float | None = None,
         threshold: float = 0.0,
@@ -334,11 +343,74 @@ class GridRegionScores(_RegionScoreOptions):
         **kwargs: Any,
     ) -> None:
         super().__init__(blur_kernel, blur_sigma, threshold, eps, **kwargs)
-        self.grid = _check_grid(grid)
+        self.mask_key = mask_key
 
-    def update(self, maps: torch.Tensor, cell_index: torch.Tensor, index: torch.Tensor) -> None:
-        """Region scores of ``maps`` in cells ``cell_index`` for the samples ``index``."""
-        scores = grid_region_scores(
-            maps, cell_index, self.grid, self.blur_kernel, self.blur_sigma, self.threshold, self.eps
+    def update(self, maps: torch.Tensor, masks: torch.Tensor, index: torch.Tensor) -> None:
+        """Region scores of ``maps`` against ``masks`` (bool) for the samples ``index``."""
+        scores = region_scores(
+            maps, masks, self.blur_kernel, self.blur_sigma, self.threshold, self.eps
         )
-        self._add(index, **scores)
+        self._add_scores(index, scores)
+
+
+@register_metric("grid_region_scores")
+class GridRegionScores(_RegionScoreOptions):
+    """:class:`RegionScores` with the target cell of a ``grid × grid`` image as the region
+    (VAR Sec. 4.1 / App. B.1 / Table 1, Quad-ImageNet): RA, IoU, precision, recall and F1 of
+    each cell's map after the 11×11 blur.
+
+    Args:
+        grid: cells per side (2 for Quad grids); ``None``: from the number of cells of the
+            ``[B, cells, H, W]`` form (required with ``cell_index``). The others as
+            :class:`RegionScores`.
+
+    ``update(maps, cell_index, index)`` with maps ``[B, H, W]`` and ``cell_index`` ``[B]``
+    row-major target cells, one value per map; or maps ``[B, cells, H, W]`` (each cell of each
+    grid explained, the evaluation's ``grid_cells`` policy) with ``cell_index=None``: per grid
+    the mean over its cells, as :class:`GridPointingGame`. Columns: ``grid_region_scores_ra``,
+    ``grid_region_scores_iou``, ``grid_region_scores_precision``,
+    ``grid_region_scores_recall``, ``grid_region_scores_f1``.
+    """
+
+    title = "VAR grid region scores"
+    target_kind = "grid"
+    outputs: ClassVar[dict[str, str]] = _REGION_TITLES
+
+    def __init__(
+        self,
+        grid: int | None = None,
+        blur_kernel: int = 11,
+        blur_sigma: float | None = None,
+        threshold: float = 0.0,
+        eps: float = 1e-7,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(blur_kernel, blur_sigma, threshold, eps, **kwargs)
+        self.grid = None if grid is None else _check_grid(grid)
+
+    def update(
+        self, maps: torch.Tensor, cell_index: torch.Tensor | None, index: torch.Tensor
+    ) -> None:
+        """Region scores of ``maps`` in cells ``cell_index`` for the samples ``index``."""
+        options = (self.blur_kernel, self.blur_sigma, self.threshold, self.eps)
+        if cell_index is not None:
+            if self.grid is None:
+                raise ValueError("GridRegionScores(grid=None) scores [B, cells, H, W] maps; "
+                                 "give grid (cells per side) to score maps with a cell_index")  # fmt: skip
+            self._add_scores(index, grid_region_scores(maps, cell_index, self.grid, *options))
+            return
+        batch, cells = maps.shape[:2]
+        grid = self.grid or round(cells**0.5)
+        if grid * grid != cells:
+            raise ConfigurationError(
+                f"grid_region_scores needs a square grid of {'grid² = ' if self.grid else ''}"
+                f"{grid * grid if self.grid else 'n²'} cells, got {cells} cells"
+            )
+        cell_index = torch.arange(cells, device=maps.device).repeat(batch)
+        scores = grid_region_scores(maps.flatten(0, 1), cell_index, grid, *options)
+        self._add_scores(
+            index, {key: value.view(batch, cells).mean(dim=1) for key, value in scores.items()}
+        )
+
+    def update_arguments(self, inputs: MetricInputs) -> dict[str, Any]:
+        return {"maps": inputs.maps, "cell_index": None, "index": inputs.index}

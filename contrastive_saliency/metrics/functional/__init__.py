@@ -46,9 +46,11 @@ from contrastive_saliency.metrics.functional.localisation import (
     top_k_intersection,
 )
 from contrastive_saliency.metrics.functional.map_similarity import (
+    cosine_similarity_maps,
     hog_features,
     hog_similarity,
     pearson_rows,
+    pearson_similarity,
     spearman_rows,
     spearman_similarity,
     ssim_similarity,
@@ -115,6 +117,7 @@ __all__ = [
     "classifier_weight_similarity",
     "complexity",
     "confidence_drop",
+    "cosine_similarity_maps",
     "cosine_similarity_matrix",
     "curve_auc",
     "default_randomisation_order",
@@ -147,6 +150,7 @@ __all__ = [
     "monotonicity_correlation",
     "noisy_linear_imputation",
     "pearson_rows",
+    "pearson_similarity",
     "perturbation_curve",
     "pic_curves",
     "pixel_flipping",

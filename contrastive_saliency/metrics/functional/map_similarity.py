@@ -10,7 +10,8 @@ trained model with the map of a (cascadingly) randomised model by
   2005) descriptors of the two maps.
 
 VAR (`papers/var.md`, Sec. 4.3, Fig. 6) follows the same procedure and reports the Spearman
-correlation. The reference implementations are ``scipy.stats.spearmanr``,
+correlation, and in its App. Figs. 8–14 also the cosine similarity and the Pearson correlation
+of the maps (:func:`cosine_similarity_maps`, :func:`pearson_similarity`). The reference implementations are ``scipy.stats.spearmanr``,
 ``skimage.metrics.structural_similarity`` and ``skimage.feature.hog``; every function here
 reproduces them exactly (tests compare them numerically), but batched and in torch: maps are
 ``[B, H, W]`` and every function returns one value per sample, ``[B]``.
@@ -143,6 +144,31 @@ def spearman_similarity(
     if absolute:
         maps_a, maps_b = maps_a.abs(), maps_b.abs()
     return spearman_rows(maps_a, maps_b, constant_value)
+
+
+def pearson_similarity(
+    maps_a: torch.Tensor, maps_b: torch.Tensor, constant_value: float = 0.0
+) -> torch.Tensor:
+    """Pearson correlation of two ``[B, H, W]`` map batches over all pixels, per sample ``[B]``
+    (VAR App. Figs. 8–14): ``Σ (a − ā)(b − b̄) / √(Σ (a − ā)² · Σ (b − b̄)²)``, equal to
+    ``scipy.stats.pearsonr``; a constant map gives ``constant_value`` (0) instead of NaN."""
+    _check_pair(maps_a, maps_b)
+    return pearson_rows(maps_a, maps_b, constant_value).to(_out_dtype(maps_a, maps_b))
+
+
+def cosine_similarity_maps(
+    maps_a: torch.Tensor, maps_b: torch.Tensor, zero_value: float = 0.0
+) -> torch.Tensor:
+    """Cosine similarity of two ``[B, H, W]`` map batches as vectors of pixels, per sample
+    ``[B]`` (VAR App. Figs. 8–14): ``⟨a, b⟩ / (‖a‖ ‖b‖)``, the maps as given (no centring, no
+    normalisation); an all-zero map gives ``zero_value`` (0) instead of NaN."""
+    _check_pair(maps_a, maps_b)
+    work = _work_dtype(maps_a.device)
+    a, b = maps_a.flatten(1).to(work), maps_b.flatten(1).to(work)
+    denominator = a.norm(dim=1) * b.norm(dim=1)
+    defined = denominator > 0
+    cosine = (a * b).sum(dim=1) / denominator.where(defined, 1)
+    return torch.where(defined, cosine.clamp(-1, 1), zero_value).to(_out_dtype(maps_a, maps_b))
 
 
 def ssim_similarity(
