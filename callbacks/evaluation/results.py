@@ -42,7 +42,7 @@ class GatheredResults:
         mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
         for row in wanted:
             maps = {
-                (method, layer, column): self._batch_maps[(method, layer)][row, j].cpu()
+                (method, layer, column.name): self._batch_maps[(method, layer)][row, j].cpu()
                 for (method, layer) in self._batch_maps
                 for j, column in enumerate(self._batch_columns)
             }
