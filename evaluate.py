@@ -19,15 +19,13 @@ from pathlib import Path
 
 def main(argv: Sequence[str] | None = None):
     import lightning as L
-    import numpy as np
 
     from callbacks.evaluation import (
         CONFUSION_FROM_HOLDOUT,
         CONFUSION_FROM_VALIDATION,
         SaliencyEvaluationCallback,
     )
-    from callbacks.evaluation.test_subset import sample_test_split
-    from callbacks.explained_model import data_normalisation
+    from callbacks.evaluation.test_subset import SampledTestData
     from lightning_modules.checkpoints import hand_filter_model
     from lightning_modules.cli import CONFIG_DIR, ProjectCLI, alias_seed, finish_wandb
     from lightning_modules.evaluation import SaliencyEvaluationModule
@@ -61,24 +59,15 @@ def main(argv: Sequence[str] | None = None):
     trainer = cli.trainer
     hand_filter_model(cli.datamodule)  # e.g. quad grids from confidently classified images
     evaluation = next(c for c in trainer.callbacks if isinstance(c, SaliencyEvaluationCallback))
-    # Everything the config names is checked against the model and the data here, before
-    # any map is computed (and before DDP starts the other processes).
-    if evaluation.sample_size is not None:
-        sample_test_split(cli.datamodule, evaluation.sample_size, evaluation.sample_seed)
-    else:
-        cli.datamodule.setup("test")
-    sample = cli.datamodule.test_dataloader().dataset[0]
-    device_type = trainer.strategy.root_device.type
+    # The callback checks everything the config names against the model and the data in its
+    # setup(), before any map is computed; CASE's matrix, when computed here, is read there.
     matrix = _held_out_confusion_matrix(cli, evaluation)
-    normalisation = data_normalisation(cli.datamodule)  # e.g. CAAP's white blank
     if matrix in (CONFUSION_FROM_VALIDATION, CONFUSION_FROM_HOLDOUT):
-        evaluation.confusion_matrix = None
-        # check the whole config with a stand-in matrix before the matrix is computed
-        stand_in = np.ones((cli.model.num_classes, cli.model.num_classes))
-        evaluation.prepare(cli.model.network, sample, stand_in, device_type, normalisation)
-        matrix = _computed_confusion_matrix(cli, trainer, evaluation, matrix)
-    evaluation.prepare(cli.model.network, sample, matrix, device_type, normalisation)
-    trainer.test(cli.model, datamodule=cli.datamodule)
+        _compute_confusion_matrix(cli, trainer, evaluation, matrix)
+    data = cli.datamodule
+    if evaluation.sample_size is not None:
+        data = SampledTestData(data, evaluation.sample_size, evaluation.sample_seed)
+    trainer.test(cli.model, datamodule=data)
     finish_wandb(trainer)
     if trainer.is_global_zero:
         _report(cli, evaluation)
@@ -108,17 +97,21 @@ def _held_out_confusion_matrix(cli, evaluation):
     return matrix
 
 
-def _computed_confusion_matrix(cli, trainer, evaluation, kind: str) -> Path:
+def _compute_confusion_matrix(cli, trainer, evaluation, kind: str) -> None:
     """CASE's contrast classes for a model without a usable training-run matrix (e.g.
     pretrained): its confusion matrix on the datamodule's validation split (``validate``) or on
     a seeded per-class sample of its train split (``holdout``; the same on every rank), each
     sample counted once (also under DDP), saved with its provenance as
-    ``<run_dir>/confusion_matrix.{npy,csv,json}``."""
+    ``<run_dir>/confusion_matrix.{npy,csv,json}``
+    (:func:`callbacks.evaluation.engine.computed_confusion_matrix`), where the evaluation
+    reads it."""
     from callbacks.confusion_matrix import ConfusionMatrixCallback
     from callbacks.evaluation import CONFUSION_FROM_VALIDATION
+    from callbacks.evaluation.engine import computed_confusion_matrix
 
+    target = computed_confusion_matrix(trainer.default_root_dir)
     if kind == CONFUSION_FROM_VALIDATION:
-        callback = ConfusionMatrixCallback(output_dir=str(cli.run_dir))
+        callback = ConfusionMatrixCallback(str(target.parent), filename=target.stem)
         run = {"datamodule": cli.datamodule}
     else:
         from torch.utils.data import DataLoader
@@ -135,7 +128,9 @@ def _computed_confusion_matrix(cli, trainer, evaluation, kind: str) -> Path:
         )  # fmt: skip
         source = split_source(cli.datamodule, "train")
         split = f"train hold-out: {per_class} per class, seed {seed}"
-        callback = ConfusionMatrixCallback(str(cli.run_dir), source=source, split=split)
+        callback = ConfusionMatrixCallback(
+            str(target.parent), filename=target.stem, source=source, split=split
+        )
         run = {"dataloaders": loader}
     trainer.callbacks.append(callback)
     try:
@@ -143,7 +138,6 @@ def _computed_confusion_matrix(cli, trainer, evaluation, kind: str) -> Path:
     finally:
         trainer.callbacks.remove(callback)
     trainer.strategy.barrier()  # rank zero has written the file
-    return cli.run_dir / "confusion_matrix.npy"
 
 
 def _report(cli, evaluation) -> None:

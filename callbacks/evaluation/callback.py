@@ -34,8 +34,9 @@ from callbacks.evaluation.engine import (
     CONFUSION_FROM_VALIDATION,
     EvaluationEngine,
     _Combination,
+    computed_confusion_matrix,
 )
-from callbacks.evaluation.keys import value_keys
+from callbacks.evaluation.keys import PolicyKey, value_keys
 from callbacks.evaluation.outputs import ResultWriter
 from callbacks.evaluation.results import GatheredResults
 from callbacks.evaluation.sanity import SanityCheck
@@ -76,8 +77,8 @@ class SaliencyEvaluationCallback(
             the reference is ``method_less``. ``stats.csv`` and ``report.md`` state H1 in words.
         correct_only: explain only correctly classified samples (CASE RQ2 protocol).
         sample_size / sample_seed: evaluate a fixed random sample of the test split
-            (``evaluate.py`` restricts the loader:
-            :func:`callbacks.evaluation.test_subset.sample_test_split`).
+            (``evaluate.py`` tests on
+            :class:`callbacks.evaluation.test_subset.SampledTestData`).
         confusion_matrix: ``.npy``/``.csv`` for ``confusion`` selectors; default: the one the
             training run saved next to the checkpoint. ``evaluate.py`` computes one first (each
             sample once, also under DDP; saved as ``<run>/confusion_matrix.npy`` with its
@@ -176,9 +177,10 @@ class SaliencyEvaluationCallback(
         normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         """Check the config against the model and the data and build every method — before
-        any computation. ``sample`` is one dataset item (its keys say what the data has);
-        ``confusion_matrix`` is the training run's matrix (``evaluation.confusion_matrix``
-        wins); ``normalisation`` is the data's ``(mean, std)``, passed to every method with a
+        any computation (:meth:`setup` calls it with the trainer's model and data). ``sample``
+        is one dataset item (its keys say what the data has); ``confusion_matrix`` is the
+        matrix of the ``confusion`` selectors (None: ``evaluation.confusion_matrix``);
+        ``normalisation`` is the data's ``(mean, std)``, passed to every method with a
         ``normalisation`` option that the config leaves unset (CAAP's white blank)."""
         if self.autocast and device_type != "cuda":
             raise ConfigurationError(
@@ -191,14 +193,14 @@ class SaliencyEvaluationCallback(
                 keys, policy.needs, f"target policy {policy.name!r}",
                 "use a grid datamodule (e.g. configs/data/quad_shapes.yaml) or drop the policy",
             )  # fmt: skip
-        matrix = self.confusion_matrix or confusion_matrix
+        matrix = self.confusion_matrix if confusion_matrix is None else confusion_matrix
         if isinstance(matrix, str) and matrix in (
             CONFUSION_FROM_VALIDATION,
             CONFUSION_FROM_HOLDOUT,
         ):
             raise ConfigurationError(
-                f"evaluation.confusion_matrix={matrix!r} is resolved by evaluate.py (it "
-                f"computes the matrix first); call prepare() with the computed matrix"
+                f"evaluation.confusion_matrix={matrix!r} is computed by evaluate.py before the "
+                f"test run; call prepare() with a matrix"
             )
         if isinstance(matrix, (str, Path)) and not Path(matrix).is_file():
             raise ConfigurationError(f"confusion matrix not found: {matrix}")
@@ -208,20 +210,51 @@ class SaliencyEvaluationCallback(
         check_sample_fields(self.metric_specs, self.method_specs, self.combinations, keys)
         self._sanity_order(network)  # a wrong layer name fails now, not after the evaluation
 
+    # ----------------------------------------------------------------------------- setup
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Prepare (:meth:`prepare`) before any computation: for ``test`` on the test data's
+        first sample with the study's confusion matrix (:meth:`_confusion_matrix`); for
+        ``fit`` on the validation data's, when watching (``every_n_epochs``)."""
+        watching = stage == "fit" and self.every_n_epochs is not None
+        if stage != "test" and not watching:
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ConfigurationError(
+                f"the saliency evaluation reads the data's fields, normalisation and class "
+                f"names from a datamodule: run trainer.{stage}(module, datamodule=...)"
+            )
+        if watching:
+            sample, network, matrix = datamodule.val_dataloader().dataset[0], pl_module.model, None
+        else:
+            sample = datamodule.test_dataloader().dataset[0]
+            network, matrix = pl_module.network, self._confusion_matrix(trainer, pl_module)
+        device_type = trainer.strategy.root_device.type
+        self.prepare(network, sample, matrix, device_type, data_normalisation(datamodule))
+
+    def _confusion_matrix(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Any:
+        """``evaluation.confusion_matrix`` (a file; ``validate`` / ``holdout``: the matrix
+        ``evaluate.py`` computed first, :func:`computed_confusion_matrix`), else the training
+        run's (the module's ``confusion_matrix_path``), else None."""
+        matrix = self.confusion_matrix
+        if matrix in (CONFUSION_FROM_VALIDATION, CONFUSION_FROM_HOLDOUT):
+            computed = computed_confusion_matrix(trainer.default_root_dir)
+            if not computed.is_file():
+                raise ConfigurationError(
+                    f"evaluation.confusion_matrix={matrix!r}: the matrix evaluate.py computes "
+                    f"before the test run is missing ({computed}); run evaluate.py, or pass "
+                    f"a matrix file"
+                )
+            return computed
+        return matrix or getattr(pl_module, "confusion_matrix_path", None)
+
     # ------------------------------------------------------------------------------ test
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.combinations is None:  # not prepared by evaluate.py: do it now
-            sample = trainer.test_dataloaders.dataset[0]
-            self.prepare(
-                pl_module.network, sample,
-                getattr(pl_module, "confusion_matrix_path", None), pl_module.device.type,
-                data_normalisation(getattr(trainer, "datamodule", None)),
-            )  # fmt: skip
         device = pl_module.device
         self._metrics = self.new_metrics(device)
         self._predictions = PerSampleValues(row_shape=(5,)).to(device)
         self._contrast_counts = {
-            (c.spec.label, c.layer, policy.name): PerSampleValues(row_shape=()).to(device)
+            PolicyKey(c.spec.label, c.layer, policy.name): PerSampleValues(row_shape=()).to(device)
             for c in self.combinations
             if c.counters
             for policy in self.policies
@@ -265,12 +298,6 @@ class SaliencyEvaluationCallback(
     # --------------------------------------------------------------------- during training
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._watch = self._watching(trainer)
-        if self._watch and self.combinations is None:
-            sample = trainer.val_dataloaders.dataset[0]
-            self.prepare(
-                pl_module.model, sample, None, pl_module.device.type,
-                data_normalisation(getattr(trainer, "datamodule", None)),
-            )  # fmt: skip
         self._watched = self.new_metrics(pl_module.device) if self._watch else {}
 
     def _watching(self, trainer: L.Trainer) -> bool:

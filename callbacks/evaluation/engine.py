@@ -18,7 +18,7 @@ import torch
 
 from callbacks.evaluation.keys import MapsKey, MetricKey, PolicyKey
 from callbacks.evaluation.spec import MethodSpec, matrix_contrast_selectors, resolve_selectors
-from callbacks.evaluation.target_policies import column_classes, correct_rows
+from callbacks.evaluation.target_policies import TargetColumn, column_classes, correct_rows
 from contrastive_saliency.layers import layer_path
 from contrastive_saliency.metrics.registry import (
     Explainer,
@@ -32,6 +32,12 @@ INPUT_LAYER = "input"  # the layer label of methods that explain the input (no l
 CONFUSION_FROM_VALIDATION = "validate"  # evaluation.confusion_matrix: computed by evaluate.py
 CONFUSION_FROM_HOLDOUT = "holdout"  # ... on a seeded per-class hold-out of the train split
 CONTRASTS_FROM_MATRIX = "contrasts_from_matrix"  # per_sample.parquet column
+
+
+def computed_confusion_matrix(run_dir: str | Path) -> Path:
+    """Where ``evaluate.py`` saves the matrix it computes for ``validate`` / ``holdout`` (with
+    its ``.csv`` and ``.json`` provenance beside it), and where the evaluation reads it."""
+    return Path(run_dir) / "confusion_matrix.npy"
 
 
 class _Combination:
@@ -123,22 +129,22 @@ class EvaluationEngine:
         return kwargs
 
     # ------------------------------------------------------------------------- per batch
-    def _columns(self, batch: dict[str, Any]) -> list[str]:
-        columns: list[str] = []
+    def _columns(self, batch: dict[str, Any]) -> list[TargetColumn]:
+        columns: list[TargetColumn] = []
         for policy in self.policies:
             columns += [c for c in policy.columns(batch) if c not in columns]
         return columns
 
     def _maps(
         self, combination: _Combination, images: torch.Tensor, classes: torch.Tensor,
-        columns: list[str], batch: dict[str, Any],
+        columns: list[TargetColumn], batch: dict[str, Any],
     ) -> torch.Tensor:  # fmt: skip
         """All columns' maps ``[B, U, H, W]`` in one call; for a method that takes a class set
         per call (``per_call_class_set``: VAR), a grid's cells compete within their grid (the
         class set = the grid's classes), so they get their own call."""
         from contrastive_saliency.methods import method_factory
 
-        grid = [i for i, c in enumerate(columns) if c.startswith("cell")]
+        grid = [i for i, c in enumerate(columns) if c.kind == "cell"]
         per_call_class_set = getattr(
             method_factory(combination.spec.name), "per_call_class_set", False
         )

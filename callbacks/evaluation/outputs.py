@@ -8,6 +8,8 @@ from typing import Any
 
 from callbacks.evaluation.engine import CONTRASTS_FROM_MATRIX
 from callbacks.evaluation.tables import describe_sibling_share
+from callbacks.evaluation.target_policies import TOP1
+from callbacks.evaluation.test_subset import explained_data
 from callbacks.evaluation.wandb_logging import log_wandb
 from contrastive_saliency.stats import hypothesis_text
 
@@ -94,14 +96,14 @@ class ResultWriter:
     def _gallery_column(gallery: list[dict[str, Any]]) -> str:
         """The overview shows the first explained column: ``top1``, else e.g. ``cell0``."""
         columns = [key.column for key in gallery[0]["maps"]]
-        return "top1" if "top1" in columns else columns[0]
+        return TOP1.name if TOP1.name in columns else columns[0]
 
     def _run_info(self, trainer: Any) -> dict[str, str]:
         module = trainer.lightning_module
         source = getattr(module, "checkpoint_path", None) or getattr(module, "source_name", "")
         info = {
             "model": str(source),
-            "data": type(trainer.datamodule).__name__,
+            "data": type(explained_data(trainer.datamodule)).__name__,
             "samples": str(self.per_sample["index"].nunique()),
             "methods": ", ".join(s.label for s in self.method_specs),
             "layers": ", ".join(sorted({c.layer for c in self.combinations})),

@@ -44,7 +44,7 @@ class GatheredResults:
         mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
         for row in wanted:
             maps = {
-                GalleryKey(key.method, key.layer, column): batch_maps[row, j].cpu()
+                GalleryKey(key.method, key.layer, column.name): batch_maps[row, j].cpu()
                 for key, batch_maps in self._batch_maps.items()
                 for j, column in enumerate(self._batch_columns)
             }

@@ -14,12 +14,15 @@ agreement) do not run on it; ``random_logit`` runs only there. The other class i
 :func:`contrastive_saliency.index_random.random_other_classes` (seed :data:`RANDOM_OTHER_SEED`): the same
 class for a sample on every rank and in every batch.
 
-Columns are named (``top1``, ``top2``, ``ground_truth``, ``cell0``…): policies sharing a column
-share its map, so ``top1`` and ``top1_vs_top2`` cost one top-1 map, not two.
+Each explained class is a :class:`TargetColumn` (``kind`` and, for a prediction rank or a grid
+cell, ``position``), written ``top1``, ``top2``, ``ground_truth``, ``random_other``, ``cell0``…
+(:attr:`TargetColumn.name`; :meth:`TargetColumn.parse` reads a name back). Policies sharing a
+column share its map, so ``top1`` and ``top1_vs_top2`` cost one top-1 map, not two.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,35 +32,72 @@ from contrastive_saliency.errors import ConfigurationError, closest
 from contrastive_saliency.index_random import random_other_classes
 
 PolicyKind = Literal["single", "pair", "grid", "random_pair"]
+ColumnKind = Literal["top", "ground_truth", "random_other", "cell"]
 RANDOM_OTHER_SEED = 0
+_NUMBERED: tuple[ColumnKind, ...] = ("top", "cell")  # kinds whose name ends in their position
+
+
+@dataclass(frozen=True)
+class TargetColumn:
+    """One explained class of a sample: ``top`` (the ``position``-th prediction, from 1),
+    ``ground_truth`` (the label), ``random_other`` (a seeded other class than the top-1) or
+    ``cell`` (the class of grid cell ``position``, from 0)."""
+
+    kind: ColumnKind
+    position: int = 0
+
+    @property
+    def name(self) -> str:
+        """``top1``, ``cell3``, ``ground_truth``, ...: the column's name in galleries."""
+        return f"{self.kind}{self.position}" if self.kind in _NUMBERED else self.kind
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, name: str) -> TargetColumn:
+        """The column called ``name`` (the inverse of :attr:`name`)."""
+        match = re.fullmatch(r"(top|cell)(\d+)", name)
+        if match:
+            return cls(match[1], int(match[2]))  # type: ignore[arg-type]
+        if name in ("ground_truth", "random_other"):
+            return cls(name)  # type: ignore[arg-type]
+        raise ValueError(
+            f"unknown target column {name!r}; valid: top<rank>, ground_truth, random_other, "
+            f"cell<index>"
+        )
+
+
+TOP1, TOP2 = TargetColumn("top", 1), TargetColumn("top", 2)
+GROUND_TRUTH, RANDOM_OTHER = TargetColumn("ground_truth"), TargetColumn("random_other")
 
 
 @dataclass(frozen=True)
 class TargetPolicy:
-    """``name``; ``kind``; ``needs``: batch keys it reads besides the logits."""
+    """``name``; ``kind``; ``needs``: batch keys it reads besides the logits; ``targets``:
+    its columns (a ``grid`` policy has one per cell of the batch's ``grid_labels``)."""
 
     name: str
     kind: PolicyKind
     needs: tuple[str, ...] = ()
+    targets: tuple[TargetColumn, ...] = ()
 
-    def columns(self, batch: dict[str, torch.Tensor]) -> tuple[str, ...]:
-        """Names of the explained classes, in order."""
-        if self.name == "top1_vs_top2":
-            return ("top1", "top2")
-        if self.name == "top1_vs_random_other":
-            return ("top1", "random_other")
-        if self.name == "grid_cells":
-            return tuple(f"cell{i}" for i in range(batch["grid_labels"].shape[1]))
-        return (self.name,)
+    def columns(self, batch: dict[str, torch.Tensor]) -> tuple[TargetColumn, ...]:
+        """The explained classes, in order."""
+        if self.kind == "grid":
+            return tuple(TargetColumn("cell", i) for i in range(batch["grid_labels"].shape[1]))
+        return self.targets
 
 
 POLICIES: dict[str, TargetPolicy] = {
-    "top1": TargetPolicy("top1", "single"),
-    "top2": TargetPolicy("top2", "single"),
-    "top1_vs_top2": TargetPolicy("top1_vs_top2", "pair"),
-    "ground_truth": TargetPolicy("ground_truth", "single", ("label",)),
+    "top1": TargetPolicy("top1", "single", targets=(TOP1,)),
+    "top2": TargetPolicy("top2", "single", targets=(TOP2,)),
+    "top1_vs_top2": TargetPolicy("top1_vs_top2", "pair", targets=(TOP1, TOP2)),
+    "ground_truth": TargetPolicy("ground_truth", "single", ("label",), (GROUND_TRUTH,)),
     "grid_cells": TargetPolicy("grid_cells", "grid", ("grid_labels",)),
-    "top1_vs_random_other": TargetPolicy("top1_vs_random_other", "random_pair", ("index",)),
+    "top1_vs_random_other": TargetPolicy(
+        "top1_vs_random_other", "random_pair", ("index",), (TOP1, RANDOM_OTHER)
+    ),
 }
 
 
@@ -80,19 +120,19 @@ def parse_policies(names: list[str]) -> list[TargetPolicy]:
 
 
 def column_classes(
-    column: str, logits: torch.Tensor, batch: dict[str, torch.Tensor]
+    column: TargetColumn, logits: torch.Tensor, batch: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """``LongTensor[B]``: the class explained in ``column`` for each sample."""
-    if column in ("top1", "top2"):
-        return logits.topk(2, dim=1).indices[:, 0 if column == "top1" else 1]
-    if column == "ground_truth":
+    if column.kind == "top":
+        return logits.topk(max(2, column.position), dim=1).indices[:, column.position - 1]
+    if column.kind == "ground_truth":
         return batch["label"].long()
-    if column == "random_other":
-        top1 = column_classes("top1", logits, batch)
+    if column.kind == "random_other":
+        top1 = column_classes(TOP1, logits, batch)
         indices = batch["index"].to(logits.device)
         return random_other_classes(indices, top1, logits.shape[1], RANDOM_OTHER_SEED)
-    if column.startswith("cell"):
-        return batch["grid_labels"][:, int(column.removeprefix("cell"))].long()
+    if column.kind == "cell":
+        return batch["grid_labels"][:, column.position].long()
     raise ValueError(f"unknown target column {column!r}")
 
 
