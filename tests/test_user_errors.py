@@ -83,7 +83,8 @@ def user_folder(tmp_path_factory) -> Path:
 def _folder_evaluation(root, tmp_path) -> list[str]:
     return [
         "--data", "configs/data/image_folder.yaml", "--data.root", str(root),
-        "--data.image_size", "32", "--data.resize_size", "null", "--data.batch_size", "4",
+        "--data.transform.image_size", "32", "--data.transform.resize_size", "null",
+        "--data.batch_size", "4",
         "--data.num_workers", "1", "--model.model_name", "small_cnn",
         "--model.num_classes", "2", "--output_dir", str(tmp_path), "--run_name", "broken",
         *QUIET,
