@@ -151,6 +151,24 @@ def test_a_data_file_of_the_wrong_kind_names_the_file(config, expected, monkeypa
     assert f"--data {config}" in message and expected in message
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("resize_size", "10", "transform.resize_size 10 is smaller than the crop"),
+        ("interpolation", "cubic", "unknown transform.interpolation 'cubic'; choose one of"),
+        ("image_size", "0", "transform.image_size must be positive, got 0"),
+    ],
+)
+def test_a_bad_transform_value_is_one_line(flag, value, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    arguments = [
+        "--data", "configs/data/image_folder.yaml", f"--data.transform.{flag}", value,
+        "--output_dir", str(tmp_path), *QUIET,
+    ]  # fmt: skip
+    message = _fails_with(train, arguments, monkeypatch, capsys)
+    assert expected in message
+
+
 def test_a_class_path_that_is_not_a_datamodule_names_the_file(tmp_path, monkeypatch, capsys):
     model_file = tmp_path / "model.yaml"
     model_file.write_text("class_path: lightning_modules.ClassifierModule\ninit_args: {}\n")
