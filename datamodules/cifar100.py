@@ -131,12 +131,7 @@ class CIFAR100DataModule(FileDataModule):
         num_workers: int = 4,
         transform: TransformConfig = CIFAR100_TRANSFORM,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            transform=transform,
-        )
+        super().__init__(root, batch_size=batch_size, num_workers=num_workers, transform=transform)
         self.save_hyperparameters()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")

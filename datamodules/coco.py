@@ -390,12 +390,7 @@ class COCODataModule(FileDataModule):
         num_workers: int = 4,
         transform: TransformConfig = DEFAULT_TRANSFORM,
     ) -> None:
-        super().__init__(
-            root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            transform=transform,
-        )
+        super().__init__(root, batch_size=batch_size, num_workers=num_workers, transform=transform)
         if not 0.0 <= min_area_fraction <= 1.0:
             raise ValueError(f"min_area_fraction must be in [0, 1], got {min_area_fraction}")
         self.min_area_fraction = min_area_fraction

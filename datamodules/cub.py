@@ -238,12 +238,7 @@ class CUBDataModule(FileDataModule):
         num_workers: int = 4,
         transform: TransformConfig = DEFAULT_TRANSFORM,
     ) -> None:
-        super().__init__(
-            root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            transform=transform,
-        )
+        super().__init__(root, batch_size=batch_size, num_workers=num_workers, transform=transform)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if not 0.0 <= mask_threshold <= 1.0:

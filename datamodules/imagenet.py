@@ -269,12 +269,7 @@ class ImageNetDataModule(FileDataModule):
         num_workers: int = 4,
         transform: TransformConfig = DEFAULT_TRANSFORM,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            transform=transform,
-        )
+        super().__init__(root, batch_size=batch_size, num_workers=num_workers, transform=transform)
         self.save_hyperparameters()
         if imagenet_s_split not in (50, 300, 919):
             raise ValueError(f"imagenet_s_split must be 50, 300 or 919, got {imagenet_s_split}")
