@@ -65,7 +65,8 @@ def test_image_folder_counts_labels_names_indices(tmp_path):
 
 
 def test_image_folder_grayscale_becomes_three_equal_channels(tmp_path):
-    dm = folder_module(make_folder(tmp_path), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    unnormalised = TransformConfig(24, 30, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    dm = folder_module(make_folder(tmp_path), transform=unnormalised)
     train = dm.dataset("train")
     image = train[[r.path.name for r in train.records].index("b.PNG")]["image"]
     assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
