@@ -54,6 +54,13 @@ class TransformConfig:
     from_model: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("mean", "std"):  # lists from Python callers compare equal as tuples
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != 3:
+                raise ConfigurationError(
+                    f"transform.{name} needs one value per RGB channel (3), got {list(values)}"
+                )
+            object.__setattr__(self, name, values)
         if self.image_size < 1:
             raise ConfigurationError(
                 f"transform.image_size must be positive, got {self.image_size}"
