@@ -71,6 +71,11 @@ class TransformConfig:
                 f"transform.image_size {self.image_size}; use resize_size >= image_size, or "
                 f"null to squash"
             )
+        if self.from_model in ("None", "null"):  # what --data.transform.from_model null gives
+            raise ConfigurationError(
+                f"transform.from_model {self.from_model!r} is not a model name; to unset it "
+                f"give the block: --data.transform '{{from_model: null}}'"
+            )
         try:
             InterpolationMode(self.interpolation)
         except ValueError as error:

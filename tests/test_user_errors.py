@@ -83,7 +83,7 @@ def user_folder(tmp_path_factory) -> Path:
 def _folder_evaluation(root, tmp_path) -> list[str]:
     return [
         "--data", "configs/data/image_folder.yaml", "--data.root", str(root),
-        "--data.transform.image_size", "32", "--data.transform.resize_size", "null",
+        "--data.transform", "{image_size: 32, resize_size: null}",
         "--data.batch_size", "4",
         "--data.num_workers", "1", "--model.model_name", "small_cnn",
         "--model.num_classes", "2", "--output_dir", str(tmp_path), "--run_name", "broken",
@@ -157,6 +157,7 @@ def test_a_data_file_of_the_wrong_kind_names_the_file(config, expected, monkeypa
         ("resize_size", "10", "transform.resize_size 10 is smaller than the crop"),
         ("interpolation", "cubic", "unknown transform.interpolation 'cubic'; choose one of"),
         ("image_size", "0", "transform.image_size must be positive, got 0"),
+        ("from_model", "null", "transform.from_model 'None' is not a model name"),
     ],
 )
 def test_a_bad_transform_value_is_one_line(flag, value, expected, tmp_path, monkeypatch, capsys):
