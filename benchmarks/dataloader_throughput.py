@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._timing import environment, write_json
 from datamodules.image_folder import ImageFolderDataModule
+from datamodules.transforms import TransformConfig
 
 
 def fabricate(root: Path, images: int, size: int, classes: int = 4, seed: int = 0) -> Path:
@@ -63,9 +64,9 @@ def measure(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         test_dir=None,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
-        image_size=args.image_size,
-        resize_size=args.resize_size,
-        train_augment=args.augment,
+        transform=TransformConfig(
+            image_size=args.image_size, resize_size=args.resize_size, train_augment=args.augment
+        ),
     )
     loader = dm.train_dataloader()
     first_s, count = one_pass(loader)

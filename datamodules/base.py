@@ -9,8 +9,10 @@ A concrete datamodule implements :meth:`FileDataModule.build_dataset` (returning
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from contrastive_saliency.errors import UserInputError
-from datamodules.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SampleTransform,
-    TransformConfig,
-    config_from_model,
-)
+from datamodules.transforms import DEFAULT_TRANSFORM, SampleTransform, TransformConfig
 
 EVAL_SPLITS = ("val", "test")
 
@@ -111,11 +107,9 @@ class FileDataModule(SplitLoaders, L.LightningDataModule, ABC):
         root: dataset directory (users bring the data; nothing is downloaded unless a
             subclass says so).
         batch_size, num_workers: data loading.
-        image_size, resize_size, mean, std, interpolation: the evaluation transform
-            (resize shorter side to ``resize_size``, centre crop ``image_size``).
-        transform_from_model: a timm model name whose pretrained data config (size, crop_pct,
-            interpolation, mean, std) replaces the five values above.
-        train_augment: random resized crop + flip on the training split.
+        transform: the image transform (:class:`~datamodules.transforms.TransformConfig`:
+            size, resize, mean/std, interpolation, training augmentation, or a model's own
+            data config); ``--data.transform.image_size 128`` on the command line.
     """
 
     def __init__(
@@ -123,26 +117,30 @@ class FileDataModule(SplitLoaders, L.LightningDataModule, ABC):
         root: str | Path,
         batch_size: int = 64,
         num_workers: int = 4,
-        image_size: int = 224,
-        resize_size: int | None = 256,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        interpolation: str = "bilinear",
-        transform_from_model: str | None = None,
-        train_augment: bool = True,
+        transform: TransformConfig = DEFAULT_TRANSFORM,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
         self.num_workers = num_workers
-        if transform_from_model is not None:
-            self.transform_config = config_from_model(transform_from_model)
-        else:
-            self.transform_config = TransformConfig(
-                image_size, resize_size, tuple(mean), tuple(std), interpolation
-            )
-        self.train_augment = train_augment
+        self.transform_config = transform.resolved()
         self._datasets: dict[str, Dataset] = {}
+
+    def save_hyperparameters(self, *args: Any, ignore=None, frame=None, logger=True) -> None:
+        """Lightning's ``save_hyperparameters``, with a :class:`TransformConfig` argument kept
+        as the dict of its fields (what LightningCLI saves): checkpoints then hold plain values
+        only, loadable with ``weights_only=True``."""
+        frame = frame or inspect.currentframe().f_back  # the caller's __init__
+        super().save_hyperparameters(*args, ignore=ignore, frame=frame, logger=logger)
+        transform = self.hparams.get("transform")
+        if isinstance(transform, TransformConfig):
+            plain = {**self.hparams, "transform": asdict(transform)}
+            super().save_hyperparameters(plain, frame=frame, logger=logger)
+
+    @property
+    def train_augment(self) -> bool:
+        """Whether the training split is randomly augmented (``transform.train_augment``)."""
+        return self.transform_config.train_augment
 
     @property
     def mean(self) -> tuple[float, float, float]:
@@ -182,8 +180,9 @@ class FileDataModule(SplitLoaders, L.LightningDataModule, ABC):
         without its random augmentation, e.g. to compute a confusion matrix on train images."""
         if split != "train" or not self.train_augment:
             return self.dataset(split)
-        self.train_augment = False
+        augmented = self.transform_config
+        self.transform_config = replace(augmented, train_augment=False)
         try:
             return self.build_dataset(split)
         finally:
-            self.train_augment = True
+            self.transform_config = augmented

@@ -17,8 +17,9 @@ where to put the files. Splits: ``train`` = the train file; ``val`` = a seeded s
 hold-out of ``val_fraction`` (default 0.1, 50 images per class) of the train file (``train``
 then holds the rest), so that a confusion matrix of ``val`` (CASE's contrast classes) never
 comes from the test images it explains; ``val_fraction: 0`` makes ``val`` the test file (the
-usual CIFAR protocol, val = test); ``test`` = the test file. Images are upsampled to ``image_size²`` with a plain resize (no crop:
-``resize_size`` None), e.g. 224 for ImageNet-sized models.
+usual CIFAR protocol, val = test); ``test`` = the test file. Images are upsampled to
+``transform.image_size²`` with a plain resize (no crop: ``transform.resize_size`` None), e.g.
+224 for ImageNet-sized models.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ from torch.utils.data import Dataset
 
 from datamodules.base import DatasetLayoutError, FileDataModule
 from datamodules.file_lists import stratified_holdout, transform_sample
-from datamodules.transforms import SampleTransform
+from datamodules.transforms import SampleTransform, TransformConfig
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+CIFAR100_TRANSFORM = TransformConfig(
+    image_size=32, resize_size=None, mean=CIFAR100_MEAN, std=CIFAR100_STD
+)
+"""The default transform: the native 32² images, CIFAR-100 statistics."""
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 FOLDER = "cifar-100-python"
 NUM_CLASSES = 100
@@ -108,11 +113,11 @@ class CIFAR100DataModule(FileDataModule):
         val_fraction: in (0, 1) (default 0.1) → ``val`` is a seeded stratified hold-out of
             the train set; 0 → ``val`` is the test set.
         split_seed: seed of that hold-out.
-        image_size: output side; 32 keeps the native size, e.g. 224 upsamples (plain resize).
-        resize_size: ``None`` (default) resizes straight to ``image_size²``; a value resizes
-            the shorter side then centre-crops as in :class:`~datamodules.base.FileDataModule`.
-        mean, std: normalisation (CIFAR-100 statistics by default; use the ImageNet ones for
-            ImageNet-pretrained models).
+        transform: as :class:`~datamodules.base.FileDataModule`, with CIFAR's defaults
+            (:data:`CIFAR100_TRANSFORM`): ``image_size`` 32 keeps the native size, e.g. 224
+            upsamples; ``resize_size`` ``None`` resizes straight to ``image_size²`` (a value
+            resizes the shorter side, then centre-crops); CIFAR-100 mean and std (use the
+            ImageNet ones for ImageNet-pretrained models).
         Remaining arguments: see :class:`~datamodules.base.FileDataModule`.
     """
 
@@ -124,26 +129,9 @@ class CIFAR100DataModule(FileDataModule):
         split_seed: int = 0,
         batch_size: int = 128,
         num_workers: int = 4,
-        image_size: int = 32,
-        resize_size: int | None = None,
-        mean: tuple[float, float, float] = CIFAR100_MEAN,
-        std: tuple[float, float, float] = CIFAR100_STD,
-        interpolation: str = "bilinear",
-        transform_from_model: str | None = None,
-        train_augment: bool = True,
+        transform: TransformConfig = CIFAR100_TRANSFORM,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            image_size=image_size,
-            resize_size=resize_size,
-            mean=mean,
-            std=std,
-            interpolation=interpolation,
-            transform_from_model=transform_from_model,
-            train_augment=train_augment,
-        )
+        super().__init__(root, batch_size=batch_size, num_workers=num_workers, transform=transform)
         self.save_hyperparameters()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")

@@ -72,7 +72,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from datamodules.base import DatasetLayoutError, FileDataModule, load_rgb, require_path
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, SampleTransform
+from datamodules.transforms import DEFAULT_TRANSFORM, SampleTransform, TransformConfig
 
 DEFAULT_MAPPING = Path(__file__).resolve().parent / "data" / "coco_to_imagenet.json"
 MAPPING_EXPECTED = (
@@ -372,8 +372,7 @@ class COCODataModule(FileDataModule):
         per_object: one sample per kept object (``True``) or per image (``False``).
         include_crowd: keep ``iscrowd`` regions as objects (default: skip and count them).
         year: the release, naming ``instances_{train,val}<year>.json`` and the image folders.
-        batch_size, num_workers, image_size, resize_size, mean, std, interpolation,
-        transform_from_model, train_augment: see :class:`FileDataModule`.
+        batch_size, num_workers, transform: see :class:`FileDataModule`.
 
     ``num_classes``/``class_names`` are the classifier's (from the mapping);
     ``filter_stats(split)`` gives the :class:`COCOFilterStats` of a split.
@@ -389,26 +388,9 @@ class COCODataModule(FileDataModule):
         year: str = "2017",
         batch_size: int = 64,
         num_workers: int = 4,
-        image_size: int = 224,
-        resize_size: int | None = 256,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        interpolation: str = "bilinear",
-        transform_from_model: str | None = None,
-        train_augment: bool = True,
+        transform: TransformConfig = DEFAULT_TRANSFORM,
     ) -> None:
-        super().__init__(
-            root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            image_size=image_size,
-            resize_size=resize_size,
-            mean=mean,
-            std=std,
-            interpolation=interpolation,
-            transform_from_model=transform_from_model,
-            train_augment=train_augment,
-        )
+        super().__init__(root, batch_size=batch_size, num_workers=num_workers, transform=transform)
         if not 0.0 <= min_area_fraction <= 1.0:
             raise ValueError(f"min_area_fraction must be in [0, 1], got {min_area_fraction}")
         self.min_area_fraction = min_area_fraction

@@ -34,7 +34,7 @@ from datamodules.file_lists import (
     stratified_holdout,
     subdirectories,
 )
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.transforms import DEFAULT_TRANSFORM, TransformConfig
 
 
 class ImageFolderDataModule(FileDataModule):
@@ -61,26 +61,9 @@ class ImageFolderDataModule(FileDataModule):
         extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
         batch_size: int = 64,
         num_workers: int = 4,
-        image_size: int = 224,
-        resize_size: int | None = 256,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        interpolation: str = "bilinear",
-        transform_from_model: str | None = None,
-        train_augment: bool = True,
+        transform: TransformConfig = DEFAULT_TRANSFORM,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            image_size=image_size,
-            resize_size=resize_size,
-            mean=mean,
-            std=std,
-            interpolation=interpolation,
-            transform_from_model=transform_from_model,
-            train_augment=train_augment,
-        )
+        super().__init__(root, batch_size=batch_size, num_workers=num_workers, transform=transform)
         self.save_hyperparameters()
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")

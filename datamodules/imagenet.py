@@ -69,7 +69,7 @@ from datamodules.file_lists import (
     image_files,
     subdirectories,
 )
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.transforms import DEFAULT_TRANSFORM, TransformConfig
 
 WNID = re.compile(r"^n\d{8}$")
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d+)$")
@@ -267,26 +267,9 @@ class ImageNetDataModule(FileDataModule):
         imagenet_s_categories: str | None = None,
         batch_size: int = 64,
         num_workers: int = 4,
-        image_size: int = 224,
-        resize_size: int | None = 256,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        interpolation: str = "bilinear",
-        transform_from_model: str | None = None,
-        train_augment: bool = True,
+        transform: TransformConfig = DEFAULT_TRANSFORM,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            image_size=image_size,
-            resize_size=resize_size,
-            mean=mean,
-            std=std,
-            interpolation=interpolation,
-            transform_from_model=transform_from_model,
-            train_augment=train_augment,
-        )
+        super().__init__(root, batch_size=batch_size, num_workers=num_workers, transform=transform)
         self.save_hyperparameters()
         if imagenet_s_split not in (50, 300, 919):
             raise ValueError(f"imagenet_s_split must be 50, 300 or 919, got {imagenet_s_split}")

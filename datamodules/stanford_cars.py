@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from datamodules._annotation_files import holdout_split, load_mat, mat_records, mat_value
 from datamodules.base import DatasetLayoutError, FileDataModule, load_rgb, require_path
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, SampleTransform
+from datamodules.transforms import DEFAULT_TRANSFORM, SampleTransform, TransformConfig
 
 EXPECTED_LAYOUT = (
     "the Stanford Cars devkit layout: <root>/devkit/cars_meta.mat, "
@@ -154,8 +154,7 @@ class StanfordCarsDataModule(FileDataModule):
         val_fraction: in (0, 1) (default 0.1) → ``val`` is a seeded per-class fraction of the
             training images (removed from ``train``); 0 → ``val`` is the test split.
         split_seed: seed of that holdout.
-        batch_size, num_workers, image_size, resize_size, mean, std, interpolation,
-        transform_from_model, train_augment: see :class:`FileDataModule`.
+        batch_size, num_workers, transform: see :class:`FileDataModule`.
     """
 
     def __init__(
@@ -165,26 +164,9 @@ class StanfordCarsDataModule(FileDataModule):
         split_seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 4,
-        image_size: int = 224,
-        resize_size: int | None = 256,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        interpolation: str = "bilinear",
-        transform_from_model: str | None = None,
-        train_augment: bool = True,
+        transform: TransformConfig = DEFAULT_TRANSFORM,
     ) -> None:
-        super().__init__(
-            root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            image_size=image_size,
-            resize_size=resize_size,
-            mean=mean,
-            std=std,
-            interpolation=interpolation,
-            transform_from_model=transform_from_model,
-            train_augment=train_augment,
-        )
+        super().__init__(root, batch_size=batch_size, num_workers=num_workers, transform=transform)
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.val_fraction = val_fraction

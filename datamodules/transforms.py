@@ -1,10 +1,13 @@
 """Image transforms for file-based datasets: boxes and masks follow every resize and crop.
 
+Every file-based datamodule takes one :class:`TransformConfig` (``transform``; on the command
+line ``--data.transform.image_size 128``, in a config ``transform: {image_size: 128}``).
 Evaluation: resize the shorter side to ``resize_size`` then centre-crop ``image_size`` (the
 torchvision/timm protocol; CASE: 256 → 224), or resize straight to ``image_size²`` when
-``resize_size`` is None. Training: random resized crop + horizontal flip. Both end in
-``ToDtype(float, scale)`` + ``Normalize(mean, std)``; mean/std travel with the datamodule so
-metrics can work in pixel space.
+``resize_size`` is None. Training (``train_augment``): random resized crop + horizontal flip.
+Both end in ``ToDtype(float, scale)`` + ``Normalize(mean, std)``; mean/std travel with the
+datamodule so metrics can work in pixel space. ``from_model`` takes size, crop,
+interpolation, mean and std from a model's own data config instead.
 
 Boxes are ``[n, 4]`` xyxy in pixel-edge coordinates (a box over pixel columns ``0 … 9`` is
 ``x1 = 0, x2 = 10``), the convention of torchvision's ``BoundingBoxes``, so scaling is exact;
@@ -14,7 +17,7 @@ after the crop they are clamped to the image. Masks are resized with nearest-nei
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torchvision import tv_tensors
@@ -28,29 +31,72 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class TransformConfig:
-    """What the transform does; ``resize_size=None`` squashes to ``image_size²``."""
+    """The image transform of a file-based datamodule (its ``transform`` argument).
+
+    Args:
+        image_size: side of the square output image.
+        resize_size: evaluation: resize the shorter side to this, then centre-crop
+            ``image_size``; ``None`` resizes straight to ``image_size²`` (squashes).
+        mean, std: normalisation (ImageNet statistics by default).
+        interpolation: a torchvision ``InterpolationMode`` value (``bilinear``, ``bicubic``, ...).
+        train_augment: random resized crop + horizontal flip on the training split.
+        from_model: a timm model name or ``hf:<repo id or directory>`` whose data config (size,
+            crop, interpolation, mean, std) replaces the five values above
+            (:meth:`resolved`; nothing is downloaded).
+    """
 
     image_size: int = 224
     resize_size: int | None = 256
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    train_augment: bool = True
+    from_model: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("mean", "std"):  # lists from Python callers compare equal as tuples
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != 3:
+                raise ConfigurationError(
+                    f"transform.{name} needs one value per RGB channel (3), got {list(values)}"
+                )
+            object.__setattr__(self, name, values)
         if self.image_size < 1:
-            raise ValueError(f"image_size must be positive, got {self.image_size}")
+            raise ConfigurationError(
+                f"transform.image_size must be positive, got {self.image_size}"
+            )
         if self.resize_size is not None and self.resize_size < self.image_size:
-            raise ValueError(
-                f"resize_size {self.resize_size} is smaller than the crop image_size "
-                f"{self.image_size}; use resize_size >= image_size, or None to squash"
+            raise ConfigurationError(
+                f"transform.resize_size {self.resize_size} is smaller than the crop "
+                f"transform.image_size {self.image_size}; use resize_size >= image_size, or "
+                f"null to squash"
+            )
+        if self.from_model in ("None", "null"):  # what --data.transform.from_model null gives
+            raise ConfigurationError(
+                f"transform.from_model {self.from_model!r} is not a model name; to unset it "
+                f"give the block: --data.transform '{{from_model: null}}'"
             )
         try:
             InterpolationMode(self.interpolation)
         except ValueError as error:
             valid = ", ".join(mode.value for mode in InterpolationMode)
-            raise ValueError(
-                f"unknown interpolation {self.interpolation!r}; choose one of {valid}"
+            raise ConfigurationError(
+                f"unknown transform.interpolation {self.interpolation!r}; choose one of {valid}"
             ) from error
+
+    def resolved(self) -> TransformConfig:
+        """The configuration the transform runs with: itself, or with ``from_model`` the
+        model's size, crop, interpolation, mean and std (``train_augment`` and ``from_model``
+        kept)."""
+        if self.from_model is None:
+            return self
+        model = config_from_model(self.from_model)
+        return replace(model, train_augment=self.train_augment, from_model=self.from_model)
+
+
+DEFAULT_TRANSFORM = TransformConfig()
+"""The file-based datamodules' default: resize 256, centre-crop 224, ImageNet mean/std,
+bilinear, training augmentation on."""
 
 
 def config_from_model(model_name: str) -> TransformConfig:

@@ -218,7 +218,7 @@ def _processor_mismatch(model_name: str | None, datamodule) -> str | None:
         return None
     return (
         f"the data transform differs from {model_name}'s image processor: {'; '.join(differs)}; "
-        f"pass --data.transform_from_model {model_name} to use the processor's"
+        f"pass --data.transform.from_model {model_name} to use the processor's"
     )
 
 

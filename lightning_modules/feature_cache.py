@@ -137,7 +137,7 @@ def require_deterministic(datamodule: Any, dataset: Dataset, split: str) -> None
         raise ConfigurationError(
             f"feature_cache=true stores one feature vector per image, but "
             f"{type(datamodule).__name__} augments the training images (train_augment=true): "
-            f"set --data.init_args.train_augment false, or --model.init_args.feature_cache "
+            f"set --data.transform.train_augment false, or --model.init_args.feature_cache "
             f"false to run the backbone on freshly augmented images every step"
         )
     if len(dataset) == 0:  # type: ignore[arg-type]

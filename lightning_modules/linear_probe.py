@@ -50,8 +50,8 @@ class LinearProbeModule(ClassificationSteps, L.LightningModule):
     backbone, weights, pooling, data and split (:mod:`lightning_modules.feature_cache`), read back on
     later runs, and the loaders yield ``{"features", "label", "index"}`` batches with the
     datamodule's batch size and the same shuffling. Caching needs deterministic samples: a
-    datamodule with ``train_augment=True`` is refused with a :class:`ConfigurationError` (set
-    ``train_augment: false``, or ``feature_cache: false`` to run the backbone on augmented
+    datamodule with ``transform.train_augment=True`` is refused with a :class:`ConfigurationError`
+    (set ``--data.transform.train_augment false``, or ``feature_cache: false`` to run the backbone on augmented
     images every step). Under DDP the local rank 0 computes and the others wait at a barrier,
     then read the file. Validation and test outside ``fit`` run on images.
 

@@ -28,7 +28,7 @@ QUIET = [
     "--wandb.mode", "disabled", "--trainer.enable_progress_bar", "false",
     "--trainer.accelerator", "cpu", "--data.num_workers", "0",
 ]  # fmt: skip
-FOLDER = ["--data", "configs/data/image_folder.yaml", "--data.image_size", "64"]
+FOLDER = ["--data", "configs/data/image_folder.yaml", "--data.transform.image_size", "64"]
 
 
 def test_own_image_folder_trains_evaluates_and_reports(tmp_path, monkeypatch, capsys):
@@ -86,7 +86,7 @@ def test_own_image_folder_trains_evaluates_and_reports(tmp_path, monkeypatch, ca
 @pytest.mark.parametrize("dataset", ["image_folder", "cub"])
 def test_a_timm_model_by_name_on_a_users_dataset(dataset, tmp_path, monkeypatch):
     """The README's command: evaluate.py --data configs/data/<dataset>.yaml --data.root ...
-    --model.model_name timm:resnet18 --model.num_classes N --data.image_size 64."""
+    --model.model_name timm:resnet18 --model.num_classes N --data.transform.image_size 64."""
     monkeypatch.chdir(REPO)
     if dataset == "cub":
         root, classes = tmp_path, 3
@@ -96,7 +96,7 @@ def test_a_timm_model_by_name_on_a_users_dataset(dataset, tmp_path, monkeypatch)
     evaluate.main([
         "--data", f"configs/data/{dataset}.yaml", "--data.root", str(root),
         "--model.model_name", "timm:resnet18", "--model.num_classes", str(classes),
-        "--data.image_size", "64", "--output_dir", str(tmp_path / "outputs"),
+        "--data.transform.image_size", "64", "--output_dir", str(tmp_path / "outputs"),
         "--run_name", dataset, *QUIET,
     ])  # fmt: skip
     assert (tmp_path / "outputs" / dataset / "manifest.json").is_file()

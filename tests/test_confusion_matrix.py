@@ -84,7 +84,9 @@ def test_callback_counts_each_sample_once_under_ddp(tmp_path):
 def test_train_holdout_is_a_seeded_per_class_sample_of_train_only(tmp_path):
     """``confusion_matrix: holdout``: train images only (none of the validation hold-out or the
     test file), ``per_class`` of each class (all of a smaller one), seeded, not augmented."""
-    data = cifar_module(make_cifar(tmp_path), val_fraction=0.25, split_seed=1, train_augment=True)
+    data = cifar_module(
+        make_cifar(tmp_path), val_fraction=0.25, split_seed=1, transform={"train_augment": True}
+    )
     train, val = data.dataset("train"), data.dataset("val")  # 12 + 4 of the 16 train images
     holdout = train_holdout(data, per_class=2, seed=0)
     positions = holdout.dataset.positions[holdout.indices]  # rows of the train file

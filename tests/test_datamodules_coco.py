@@ -24,13 +24,14 @@ from pycocotools import mask as mask_utils
 from datamodules import COCODataModule
 from datamodules.base import DatasetLayoutError, collate_samples
 from datamodules.coco import DEFAULT_MAPPING
+from datamodules.transforms import TransformConfig
 
 # pycocotools' decode triggers numpy 2's copy= deprecation notice (not ours).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 WIDTH, HEIGHT = 48, 36
 GREY, RED, BLUE = (128, 128, 128), (220, 20, 20), (20, 20, 220)
-TRANSFORM = {"image_size": 24, "resize_size": 30, "train_augment": False, "num_workers": 0}
+SETTINGS = {"transform": TransformConfig(24, 30, train_augment=False), "num_workers": 0}
 CATEGORIES = [
     {"id": 1, "name": "person", "supercategory": "person"},
     {"id": 16, "name": "bird", "supercategory": "animal"},
@@ -187,7 +188,7 @@ def test_shipped_mapping_matches_torchvision_names():
 
 
 def test_per_object_samples_filter_and_counts(coco_root: Path):
-    data = COCODataModule(coco_root, min_area_fraction=0.01, **TRANSFORM)
+    data = COCODataModule(coco_root, min_area_fraction=0.01, **SETTINGS)
     assert data.num_classes == 1000 and data.class_names[151] == "Chihuahua"
     dataset = data.dataset("test")
     assert data.dataset("val") is not dataset and len(data.dataset("val")) == 3
@@ -229,11 +230,11 @@ def test_per_object_samples_filter_and_counts(coco_root: Path):
     assert batch["mask"].shape == (3, 24, 24) and batch["label_set"].shape == (3, 1000)
     assert batch["label"].tolist() == [151, 281, 7] and batch["boxes"].shape == (3, 1, 4)
 
-    strict = COCODataModule(coco_root, min_area_fraction=0.025, **TRANSFORM)
+    strict = COCODataModule(coco_root, min_area_fraction=0.025, **SETTINGS)
     stats = strict.filter_stats("val")
     assert (stats.kept, stats.too_small, stats.images_with_objects) == (2, 1, 2)
     assert len(strict.dataset("val")) == 2
-    crowd = COCODataModule(coco_root, include_crowd=True, **TRANSFORM)
+    crowd = COCODataModule(coco_root, include_crowd=True, **SETTINGS)
     assert crowd.filter_stats("val").crowd == 0 and len(crowd.dataset("val")) == 4
     crowd_sample = crowd.dataset("val")[3]  # uncompressed RLE decodes onto its box
     assert crowd_sample["annotation_id"] == 203 and crowd_sample["label"] == 151
@@ -257,7 +258,7 @@ def test_per_image_samples_and_custom_mapping(coco_root: Path, tmp_path: Path):
     }
     path = tmp_path / "mapping.json"
     path.write_text(json.dumps(mapping))
-    data = COCODataModule(coco_root, mapping=str(path), per_object=False, **TRANSFORM)
+    data = COCODataModule(coco_root, mapping=str(path), per_object=False, **SETTINGS)
     assert data.num_classes == 3 and data.class_names == ["canine", "feline", "avian"]
     dataset = data.dataset("test")
     assert len(dataset) == 2
@@ -271,7 +272,7 @@ def test_per_image_samples_and_custom_mapping(coco_root: Path, tmp_path: Path):
     # Bird (30, 2, 35, 7) → (25, 1.67, 29.17, 5.83) → (17, -1.33, 21.17, 2.83) → clamped.
     assert second["boxes"][1].tolist() == pytest.approx([17.0, 0.0, 35 * 5 / 6 - 8, 7 * 5 / 6 - 3])
     assert torch.equal(second["mask"], second["object_masks"][0] | second["object_masks"][1])
-    cat_alone = COCODataModule(coco_root, mapping=str(path), **TRANSFORM).dataset("test")[1]
+    cat_alone = COCODataModule(coco_root, mapping=str(path), **SETTINGS).dataset("test")[1]
     assert torch.equal(second["object_masks"][0], cat_alone["mask"])
     assert torch.equal(second["image"], cat_alone["image"])
 
@@ -284,25 +285,25 @@ def test_per_image_samples_and_custom_mapping(coco_root: Path, tmp_path: Path):
     mapping["categories"][0]["coco_name"] = "wolf"
     path.write_text(json.dumps(mapping))
     with pytest.raises(DatasetLayoutError, match=r"category 18 is 'dog'.*'wolf'"):
-        COCODataModule(coco_root, mapping=str(path), **TRANSFORM).dataset("test")
+        COCODataModule(coco_root, mapping=str(path), **SETTINGS).dataset("test")
     path.write_text(json.dumps({"num_classes": 3, "categories": [{"coco_id": 1}]}))
     with pytest.raises(DatasetLayoutError, match=r"mapping\.json.*malformed.*coco_id"):
-        COCODataModule(coco_root, mapping=str(path), **TRANSFORM)
+        COCODataModule(coco_root, mapping=str(path), **SETTINGS)
 
 
 def test_coco_errors_name_the_path_and_layout(coco_root: Path):
     with pytest.raises(DatasetLayoutError, match=r"nowhere.*instances_\{train,val\}2017\.json"):
-        COCODataModule(coco_root / "nowhere", **TRANSFORM).dataset("test")
+        COCODataModule(coco_root / "nowhere", **SETTINGS).dataset("test")
     with pytest.raises(DatasetLayoutError, match=r"not found at .*instances_train2017\.json"):
-        COCODataModule(coco_root, **TRANSFORM).dataset("train")
+        COCODataModule(coco_root, **SETTINGS).dataset("train")
     annotations = coco_root / "annotations" / "instances_val2017.json"
     document = json.loads(annotations.read_text())
     annotations.write_text(json.dumps({"annotations": document["annotations"]}))
     with pytest.raises(DatasetLayoutError, match=r"instances_val2017\.json.*malformed.*'images'"):
-        COCODataModule(coco_root, **TRANSFORM).dataset("test")
+        COCODataModule(coco_root, **SETTINGS).dataset("test")
     annotations.write_text(json.dumps(document))
     (coco_root / "val2017" / "000000000002.jpg").write_bytes(b"not a jpeg")
-    dataset = COCODataModule(coco_root, **TRANSFORM).dataset("test")
+    dataset = COCODataModule(coco_root, **SETTINGS).dataset("test")
     with pytest.raises(DatasetLayoutError, match=r"000000000002\.jpg.*cannot be read"):
         dataset[1]
     Image.new("RGB", (40, 30)).save(coco_root / "val2017" / "000000000001.jpg")
@@ -310,4 +311,4 @@ def test_coco_errors_name_the_path_and_layout(coco_root: Path):
         dataset[0]
     (coco_root / "val2017").rename(coco_root / "images")
     with pytest.raises(DatasetLayoutError, match=r"image folder.*val2017"):
-        COCODataModule(coco_root, **TRANSFORM).dataset("test")
+        COCODataModule(coco_root, **SETTINGS).dataset("test")

@@ -20,11 +20,12 @@ from PIL import Image
 from datamodules import CUBDataModule, StanfordCarsDataModule
 from datamodules._annotation_files import mat_records
 from datamodules.base import DatasetLayoutError
+from datamodules.transforms import TransformConfig
 
 WIDTH, HEIGHT = 48, 36
 GREY, RED = (128, 128, 128), (220, 20, 20)
 BIRD_BOX = (12, 6, 36, 30)  # pixel-edge xyxy of the painted object
-TRANSFORM = {"image_size": 24, "resize_size": 30, "train_augment": False, "num_workers": 0}
+SETTINGS = {"transform": TransformConfig(24, 30, train_augment=False), "num_workers": 0}
 EXPECTED_BOX = [2.0, 2.0, 22.0, 22.0]
 EXPECTED_MASK = torch.zeros(24, 24, dtype=torch.bool)
 EXPECTED_MASK[2:22, 2:22] = True
@@ -113,9 +114,9 @@ def cub_parent(tmp_path: Path) -> Path:
 
 def test_cub_splits_labels_names_and_attributes(cub_parent: Path):
     # By default val is a hold-out of train (CASE's confusion matrix must not see the test set)
-    default = CUBDataModule(cub_parent, **TRANSFORM)
+    default = CUBDataModule(cub_parent, **SETTINGS)
     assert default.val_fraction == 0.1 and default.split_source("val") == "CUB-200-2011/train"
-    data = CUBDataModule(cub_parent, val_fraction=0.0, **TRANSFORM)
+    data = CUBDataModule(cub_parent, val_fraction=0.0, **SETTINGS)
     assert data.split_source("val") == data.split_source("test") == "CUB-200-2011/test"
     assert data.num_classes == 3
     assert data.class_names == ["Red Bird", "Blue Bird", "Green Bird"]
@@ -137,7 +138,7 @@ def test_cub_splits_labels_names_and_attributes(cub_parent: Path):
 
 
 def test_cub_boxes_and_masks_follow_resize_and_crop(cub_parent: Path):
-    data = CUBDataModule(cub_parent / "CUB_200_2011", "../segmentations", **TRANSFORM)
+    data = CUBDataModule(cub_parent / "CUB_200_2011", "../segmentations", **SETTINGS)
     test = data.dataset("test")
     sample = test[1]  # image 4, box (12, 6) + (24, 24)
     assert sample["boxes"].tolist() == [EXPECTED_BOX]
@@ -152,12 +153,12 @@ def test_cub_boxes_and_masks_follow_resize_and_crop(cub_parent: Path):
 
 
 def test_cub_seeded_validation_holdout(cub_parent: Path):
-    data = CUBDataModule(cub_parent, val_fraction=0.5, split_seed=3, **TRANSFORM)
+    data = CUBDataModule(cub_parent, val_fraction=0.5, split_seed=3, **SETTINGS)
     train_ids = [r.image_id for r in data.dataset("train").records]
     val = data.dataset("val").records
     assert len(train_ids) == len(val) == 3 and sorted(r.label for r in val) == [0, 1, 2]
     assert sorted(train_ids + [r.image_id for r in val]) == [1, 3, 5, 7, 9, 11]
-    again = CUBDataModule(cub_parent, val_fraction=0.5, split_seed=3, **TRANSFORM)
+    again = CUBDataModule(cub_parent, val_fraction=0.5, split_seed=3, **SETTINGS)
     assert [r.image_id for r in again.dataset("val").records] == [r.image_id for r in val]
     assert len(data.dataset("test")) == 6
 
@@ -165,36 +166,36 @@ def test_cub_seeded_validation_holdout(cub_parent: Path):
 def test_cub_attribute_names_inside_the_folder(tmp_path: Path):
     cub = make_cub(tmp_path, segmentations=False)
     (tmp_path / "attributes.txt").rename(cub / "attributes" / "attributes.txt")
-    data = CUBDataModule(cub, **TRANSFORM)
+    data = CUBDataModule(cub, **SETTINGS)
     assert len(data.attribute_names) == 312
     assert "mask" not in data.dataset("test")[0]
     (cub / "attributes" / "attributes.txt").unlink()
     with pytest.raises(DatasetLayoutError, match=r"attributes.txt"):
-        _ = CUBDataModule(cub, **TRANSFORM).attribute_names
+        _ = CUBDataModule(cub, **SETTINGS).attribute_names
 
 
 def test_cub_errors_name_the_path_and_layout(cub_parent: Path, tmp_path_factory):
     missing = cub_parent / "nowhere"
     with pytest.raises(DatasetLayoutError, match=r"nowhere.*images.txt"):
-        CUBDataModule(missing, **TRANSFORM).dataset("test")
+        CUBDataModule(missing, **SETTINGS).dataset("test")
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(DatasetLayoutError, match=r"no images.txt.*CUB_200_2011"):
-        CUBDataModule(empty, **TRANSFORM).dataset("test")
+        CUBDataModule(empty, **SETTINGS).dataset("test")
     cub = cub_parent / "CUB_200_2011"
     boxes = (cub / "bounding_boxes.txt").read_text()
     (cub / "bounding_boxes.txt").unlink()
     with pytest.raises(DatasetLayoutError, match=r"bounding_boxes\.txt.*<x> <y> <width>"):
-        CUBDataModule(cub_parent, **TRANSFORM).dataset("test")
+        CUBDataModule(cub_parent, **SETTINGS).dataset("test")
     (cub / "bounding_boxes.txt").write_text(boxes.replace("3 12.0", "3 twelve"))
     with pytest.raises(DatasetLayoutError, match=r"line 3 of .*bounding_boxes\.txt"):
-        CUBDataModule(cub_parent, **TRANSFORM).dataset("test")
+        CUBDataModule(cub_parent, **SETTINGS).dataset("test")
     (cub / "bounding_boxes.txt").write_text(boxes)
     (cub / "images" / CUB_CLASSES[0] / "Red_Bird_0002.jpg").write_bytes(b"not a jpeg")
-    test = CUBDataModule(cub_parent, **TRANSFORM).dataset("test")
+    test = CUBDataModule(cub_parent, **SETTINGS).dataset("test")
     with pytest.raises(DatasetLayoutError, match=r"Red_Bird_0002.jpg.*cannot be read"):
         test[0]
     with pytest.raises(DatasetLayoutError, match=r"segmentation folder.*nope"):
-        CUBDataModule(cub_parent, "nope", **TRANSFORM).dataset("test")
+        CUBDataModule(cub_parent, "nope", **SETTINGS).dataset("test")
 
 
 # --------------------------------------------------------------------------- Stanford Cars
@@ -258,9 +259,9 @@ def test_mat_nesting_matches_the_devkit_and_both_squeeze_styles_parse(cars_root:
 
 
 def test_cars_splits_labels_names_and_boxes(cars_root: Path):
-    default = StanfordCarsDataModule(cars_root.parent, **TRANSFORM)  # finds stanford_cars/
+    default = StanfordCarsDataModule(cars_root.parent, **SETTINGS)  # finds stanford_cars/
     assert default.val_fraction == 0.1 and default.split_source("val") == "Stanford Cars/train"
-    data = StanfordCarsDataModule(cars_root.parent, val_fraction=0.0, **TRANSFORM)
+    data = StanfordCarsDataModule(cars_root.parent, val_fraction=0.0, **SETTINGS)
     assert data.num_classes == 3 and data.class_names == CAR_CLASSES
     train, test = data.dataset("train"), data.dataset("test")
     assert len(train) == len(test) == 6 and len(data.dataset("val")) == 6
@@ -284,32 +285,32 @@ def test_cars_splits_labels_names_and_boxes(cars_root: Path):
     batch = next(iter(data.train_dataloader()))
     assert batch["boxes"].shape == (6, 1, 4) and batch["image"].shape == (6, 3, 24, 24)
 
-    holdout = StanfordCarsDataModule(cars_root, val_fraction=0.5, **TRANSFORM)
+    holdout = StanfordCarsDataModule(cars_root, val_fraction=0.5, **SETTINGS)
     assert len(holdout.dataset("train")) == len(holdout.dataset("val")) == 3
     assert sorted(r.label for r in holdout.dataset("val").records) == [0, 1, 2]
 
 
 def test_cars_errors_name_the_path_and_layout(cars_root: Path):
     with pytest.raises(DatasetLayoutError, match=r"nowhere.*devkit"):
-        _ = StanfordCarsDataModule(cars_root / "nowhere", **TRANSFORM).class_names
+        _ = StanfordCarsDataModule(cars_root / "nowhere", **SETTINGS).class_names
     (cars_root / "cars_test_annos_withlabels.mat").rename(cars_root / "elsewhere.mat")
     with pytest.raises(DatasetLayoutError, match=r"cars_test_annos_withlabels.mat"):
-        StanfordCarsDataModule(cars_root, **TRANSFORM).dataset("test")
+        StanfordCarsDataModule(cars_root, **SETTINGS).dataset("test")
     scipy.io.savemat(cars_root / "cars_test_annos_withlabels.mat", {"annos": np.zeros((1, 2))})
     with pytest.raises(DatasetLayoutError, match=r"no variable 'annotations'.*bbox_x1"):
-        StanfordCarsDataModule(cars_root, **TRANSFORM).dataset("test")
+        StanfordCarsDataModule(cars_root, **SETTINGS).dataset("test")
     (cars_root / "cars_test_annos_withlabels.mat").write_bytes(b"garbage")
     with pytest.raises(DatasetLayoutError, match=r"cannot be read as a MATLAB"):
-        StanfordCarsDataModule(cars_root, **TRANSFORM).dataset("test")
+        StanfordCarsDataModule(cars_root, **SETTINGS).dataset("test")
     shutil.copy(
         cars_root / "elsewhere.mat", cars_root / "devkit" / "cars_test_annos_withlabels.mat"
     )
     (cars_root / "cars_test_annos_withlabels.mat").unlink()
-    test = StanfordCarsDataModule(cars_root, **TRANSFORM).dataset("test")  # found in devkit/
+    test = StanfordCarsDataModule(cars_root, **SETTINGS).dataset("test")  # found in devkit/
     assert len(test) == 6
     (cars_root / "cars_test" / "00001.jpg").write_bytes(b"\xff\xd8 broken")
     with pytest.raises(DatasetLayoutError, match=r"00001.jpg"):
         test[0]
     shutil.rmtree(cars_root / "cars_train")
     with pytest.raises(DatasetLayoutError, match=r"cars_train"):
-        StanfordCarsDataModule(cars_root, **TRANSFORM).dataset("train")
+        StanfordCarsDataModule(cars_root, **SETTINGS).dataset("train")

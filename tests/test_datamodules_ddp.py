@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from contrastive_saliency.metrics import unique_by_index
 from datamodules import ImageFolderDataModule, QuadGridDataModule, ShapesDataModule
 from datamodules.base import collate_samples
+from datamodules.transforms import TransformConfig
 
 
 def _ranks_see(dataset, world_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +50,7 @@ def image_folder(tmp_path):
 
 def test_image_folder_samples_once_under_distributed_sampler(image_folder):
     data = ImageFolderDataModule(
-        image_folder, image_size=16, resize_size=16, num_workers=0, test_dir="val"
+        image_folder, transform=TransformConfig(16, 16), num_workers=0, test_dir="val"
     )
     _check_exactly_once(data.dataset("val"))
 

@@ -4,6 +4,7 @@ formats (class folders with mixed image files; the CIFAR python pickles)."""
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from urllib.error import URLError
 
@@ -13,8 +14,9 @@ import torch
 from PIL import Image
 
 from datamodules.base import DatasetLayoutError
-from datamodules.cifar100 import CIFAR100_URL, CIFAR100DataModule
+from datamodules.cifar100 import CIFAR100_TRANSFORM, CIFAR100_URL, CIFAR100DataModule
 from datamodules.image_folder import ImageFolderDataModule
+from datamodules.transforms import TransformConfig
 
 CLASSES = ["MildDemented", "NonDemented", "VeryMildDemented"]  # sorted folder names
 
@@ -44,7 +46,7 @@ def make_folder(root: Path, val: bool = True) -> Path:
 
 
 def folder_module(root: Path, **kwargs) -> ImageFolderDataModule:
-    settings = {"image_size": 24, "resize_size": 30, "num_workers": 0, "batch_size": 4}
+    settings = {"transform": TransformConfig(24, 30), "num_workers": 0, "batch_size": 4}
     settings.update(kwargs)
     return ImageFolderDataModule(root=str(root), **settings)
 
@@ -63,7 +65,8 @@ def test_image_folder_counts_labels_names_indices(tmp_path):
 
 
 def test_image_folder_grayscale_becomes_three_equal_channels(tmp_path):
-    dm = folder_module(make_folder(tmp_path), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    unnormalised = TransformConfig(24, 30, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    dm = folder_module(make_folder(tmp_path), transform=unnormalised)
     train = dm.dataset("train")
     image = train[[r.path.name for r in train.records].index("b.PNG")]["image"]
     assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
@@ -184,15 +187,12 @@ def make_cifar(root: Path, bytes_keys: bool = True) -> Path:
     return root
 
 
-def cifar_module(root: Path, **kwargs) -> CIFAR100DataModule:
-    settings = {
-        "num_workers": 0,
-        "mean": (0.0, 0.0, 0.0),
-        "std": (1.0, 1.0, 1.0),
-        "train_augment": False,
-    }
-    settings.update(kwargs)
-    return CIFAR100DataModule(root=str(root), **settings)
+def cifar_module(root: Path, transform: dict | None = None, **kwargs) -> CIFAR100DataModule:
+    """CIFAR-100 with its default transform but unnormalised and unaugmented, ``transform``
+    changing further fields."""
+    fields = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "train_augment": False}
+    config = replace(CIFAR100_TRANSFORM, **{**fields, **(transform or {})})
+    return CIFAR100DataModule(root=str(root), num_workers=0, transform=config, **kwargs)
 
 
 @pytest.mark.parametrize("bytes_keys", [True, False])
@@ -225,7 +225,7 @@ def test_cifar_upsampling_resizes_without_crop(tmp_path):
     data[:, 2, :, 16:] = 255
     with (root / "cifar-100-python" / "train").open("wb") as handle:
         pickle.dump({b"data": data.reshape(16, 3072), b"fine_labels": [0] * 16}, handle)
-    image = cifar_module(root, image_size=64).dataset("train")[0]["image"]
+    image = cifar_module(root, transform={"image_size": 64}).dataset("train")[0]["image"]
     assert image.shape == (3, 64, 64)
     assert image[0, :, :31].min() > 0.99 and image[2, :, :31].max() < 0.01
     assert image[2, :, 33:].min() > 0.99 and image[0, :, 33:].max() < 0.01

@@ -18,6 +18,7 @@ from datamodules.imagenet import (
     loc_boxes_to_pixel_edges,
     read_imagenet_s_mask,
 )
+from datamodules.transforms import TransformConfig
 
 WNIDS = ["n00000001", "n00000002", "n00000003"]  # sorted = class order
 NAMES = ["tench, Tinca tinca", "goldfish", "great white shark"]
@@ -73,7 +74,7 @@ def write_solution(root: Path, wnids: list[str] = WNIDS) -> None:
 
 
 def module(root: Path, **kwargs) -> ImageNetDataModule:
-    settings = {"image_size": 24, "resize_size": 30, "num_workers": 0, "batch_size": 4}
+    settings = {"transform": TransformConfig(24, 30), "num_workers": 0, "batch_size": 4}
     settings.update(kwargs)
     return ImageNetDataModule(root=str(root), **settings)
 
@@ -175,7 +176,7 @@ def test_boxes_follow_the_centre_crop(tmp_path, flat_val):
 def test_boxes_follow_resize_then_crop(tmp_path):
     root = make_imagenet(tmp_path, flat_val=True)
     write_solution(root)
-    val = module(root, boxes=True, image_size=40, resize_size=60).dataset("val")
+    val = module(root, boxes=True, transform=TransformConfig(40, 60)).dataset("val")
     # ×2 → 80×60, crop 40 at (20, 10): (11, 5, 20, 15) → (22, 10, 40, 30) → (2, 0, 20, 20)
     torch.testing.assert_close(val[0]["boxes"][0], torch.tensor([2.0, 0.0, 20.0, 20.0]))
     batch = next(iter(module(root, boxes=True, batch_size=6).val_dataloader()))
@@ -187,7 +188,7 @@ def test_boxes_painted_square_lands_inside_its_box(tmp_path):
     """Image 2's box is the red square (1-based inclusive 11..26 × 7..20 = edges SQUARE)."""
     root = make_imagenet(tmp_path, flat_val=True)
     write_solution(root)
-    dm = module(root, boxes=True, image_size=40, resize_size=60)
+    dm = module(root, boxes=True, transform=TransformConfig(40, 60))
     sample = dm.dataset("val")[1]
     x1, y1, x2, y2 = sample["boxes"][0].round().int().tolist()
     rgb = denormalise(sample["image"], dm)
@@ -258,8 +259,7 @@ def test_imagenet_s_masks_restrict_the_split_and_align_with_the_square(tmp_path,
         imagenet_s_split=919,
         imagenet_s_categories=str(s_root / "cats.txt"),
         boxes=True,
-        image_size=40,
-        resize_size=60,
+        transform=TransformConfig(40, 60),
     )
     val = dm.dataset("val")
     assert sorted(r.path.stem for r in val.records) == sorted(val_name(i) for i in masked)

@@ -288,7 +288,8 @@ def _shrink_inputs(data_spec: dict[str, Any], model: dict[str, Any], name_key: s
     if data_spec["class_path"].endswith("QuadGridDataModule"):
         data["cell_size"] = SMOKE_IMAGE_SIZE // 2
         data = data["base"].setdefault("init_args", {})
-    data.update(transform_from_model=None, image_size=SMOKE_IMAGE_SIZE, resize_size=None)
+    transform = data.setdefault("transform", {})
+    transform.update(from_model=None, image_size=SMOKE_IMAGE_SIZE, resize_size=None)
     source, _, name = model[name_key].partition(":")
     if source == "timm":
         import timm.models

@@ -270,7 +270,7 @@ def test_evaluate_py_explains_an_hf_model_from_a_directory(
     evaluation = evaluate.main([
         "--model.model_name", model, "--model.pretrained", "true",
         "--data", "configs/data/image_folder.yaml", "--data.root", str(user_folder),
-        "--data.transform_from_model", model, "--data.batch_size", "8",
+        "--data.transform.from_model", model, "--data.batch_size", "8",
         "--data.num_workers", "0",
         "--evaluation.methods", "[grad_cam, finer_cam]", "--evaluation.targets", "[top1]",
         "--evaluation.metrics", "[deletion_auc]", "--evaluation.gallery_size", "2",
@@ -293,7 +293,7 @@ def test_a_data_transform_that_differs_from_the_processor_is_named(saved):
     data = SimpleNamespace(transform_config=TransformConfig(64, None))  # ImageNet mean/std
     message = _processor_mismatch(model, data)
     assert "image_size 64 (processor: 32)" in message and "mean" in message
-    assert f"--data.transform_from_model {model}" in message
+    assert f"--data.transform.from_model {model}" in message
     matching = SimpleNamespace(transform_config=config_from_model(model))
     assert _processor_mismatch(model, matching) is None
 

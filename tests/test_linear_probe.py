@@ -23,6 +23,7 @@ from callbacks.confusion_matrix import confusion_matrix
 from contrastive_saliency.errors import ConfigurationError
 from contrastive_saliency.methods.registry import create_method
 from datamodules import ImageFolderDataModule, ShapesDataModule
+from datamodules.transforms import TransformConfig
 from lightning_modules.checkpoints import load_classifier
 from lightning_modules.feature_cache import FeatureDataset, cache_path, image_batch
 from lightning_modules.linear_probe import LinearProbeModule
@@ -229,9 +230,12 @@ def test_file_datamodules_key_on_transform_and_refuse_augmentation(image_folder,
     module = _probe(tmp_path / "cache", num_classes=2)
 
     def folders(**overrides) -> ImageFolderDataModule:
-        arguments = {"image_size": 32, "resize_size": 36, "train_augment": False}
-        arguments.update(overrides)
-        return ImageFolderDataModule(image_folder, test_dir=None, num_workers=0, **arguments)
+        transform = TransformConfig(
+            **{"image_size": 32, "resize_size": 36, "train_augment": False, **overrides}
+        )
+        return ImageFolderDataModule(
+            image_folder, test_dir=None, num_workers=0, transform=transform
+        )
 
     plain = folders()
     assert _digest(module, plain) == _digest(module, folders())

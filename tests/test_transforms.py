@@ -53,3 +53,16 @@ def test_transform_from_a_timm_model_uses_its_pretrained_data_config():
     assert config.resize_size == math.floor(224 / expected["crop_pct"])
     assert config.mean == tuple(expected["mean"]) and config.std == tuple(expected["std"])
     assert config.interpolation == expected["interpolation"]
+
+
+def test_mean_and_std_are_three_floats_and_bad_values_name_the_field():
+    import pytest
+
+    from contrastive_saliency.errors import ConfigurationError
+
+    config = TransformConfig(mean=[0, 0, 0], std=[1, 1, 1])
+    assert config.mean == (0.0, 0.0, 0.0) and config.std == (1.0, 1.0, 1.0)
+    with pytest.raises(ConfigurationError, match=r"transform\.mean needs one value per RGB"):
+        TransformConfig(mean=(0.5, 0.5))
+    with pytest.raises(ConfigurationError, match=r"transform\.resize_size 100 is smaller"):
+        TransformConfig(image_size=128, resize_size=100)

@@ -83,7 +83,8 @@ def user_folder(tmp_path_factory) -> Path:
 def _folder_evaluation(root, tmp_path) -> list[str]:
     return [
         "--data", "configs/data/image_folder.yaml", "--data.root", str(root),
-        "--data.image_size", "32", "--data.resize_size", "null", "--data.batch_size", "4",
+        "--data.transform", "{image_size: 32, resize_size: null}",
+        "--data.batch_size", "4",
         "--data.num_workers", "1", "--model.model_name", "small_cnn",
         "--model.num_classes", "2", "--output_dir", str(tmp_path), "--run_name", "broken",
         *QUIET,
@@ -148,6 +149,25 @@ def test_a_data_file_of_the_wrong_kind_names_the_file(config, expected, monkeypa
     monkeypatch.chdir(REPO)
     message = _fails_with(train, ["--data", config, "--print_config"], monkeypatch, capsys)
     assert f"--data {config}" in message and expected in message
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("resize_size", "10", "transform.resize_size 10 is smaller than the crop"),
+        ("interpolation", "cubic", "unknown transform.interpolation 'cubic'; choose one of"),
+        ("image_size", "0", "transform.image_size must be positive, got 0"),
+        ("from_model", "null", "transform.from_model 'None' is not a model name"),
+    ],
+)
+def test_a_bad_transform_value_is_one_line(flag, value, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    arguments = [
+        "--data", "configs/data/image_folder.yaml", f"--data.transform.{flag}", value,
+        "--output_dir", str(tmp_path), *QUIET,
+    ]  # fmt: skip
+    message = _fails_with(train, arguments, monkeypatch, capsys)
+    assert expected in message
 
 
 def test_a_class_path_that_is_not_a_datamodule_names_the_file(tmp_path, monkeypatch, capsys):
