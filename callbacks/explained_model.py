@@ -8,11 +8,20 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from contrastive_saliency.errors import ConfigurationError
+
 
 def explained_network(pl_module: L.LightningModule) -> nn.Module:
-    """The plain network (``SaliencyEvaluationModule.network``; a training module's ``model``)."""
-    network = getattr(pl_module, "network", None)
-    return network if isinstance(network, nn.Module) else pl_module.model
+    """The plain images → logits network of a module: ``network`` (the evaluation's
+    ``SaliencyEvaluationModule``) or ``model`` (training modules)."""
+    for attribute in ("network", "model"):
+        network = getattr(pl_module, attribute, None)
+        if isinstance(network, nn.Module):
+            return network
+    raise ConfigurationError(
+        f"{type(pl_module).__name__} has no 'network' or 'model' attribute holding the "
+        "classifier to analyse"
+    )
 
 
 def model_name(pl_module: L.LightningModule) -> str | None:
@@ -21,13 +30,16 @@ def model_name(pl_module: L.LightningModule) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def model_description(pl_module: L.LightningModule, network: nn.Module) -> str:
-    """The model's name, else its class and training run (``SmallCNN (seed3-run)``)."""
-    name = model_name(pl_module)
-    if name is not None:
-        return name
+def network_label(pl_module: L.LightningModule, network: nn.Module | None = None) -> str:
+    """``"<network class> (<training run>)"``, e.g. ``"DenseNet (torchvision-densenet201)"``."""
+    network = explained_network(pl_module) if network is None else network
     source = getattr(pl_module, "source_name", None)
     return f"{type(network).__name__} ({source})" if source else type(network).__name__
+
+
+def model_description(pl_module: L.LightningModule, network: nn.Module) -> str:
+    """The model's name, else its class and training run (``SmallCNN (seed3-run)``)."""
+    return model_name(pl_module) or network_label(pl_module, network)
 
 
 def first_test_indices(dataloaders: Any, count: int) -> list[int]:

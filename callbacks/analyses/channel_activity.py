@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from torch import nn
 
 from callbacks.analyses.outputs import publish_analysis
+from callbacks.explained_model import explained_network, network_label
 from contrastive_saliency.channel_activity import (
     CASE_THRESHOLD,
     active_channel_counts,
@@ -88,7 +88,7 @@ class ChannelActivityCallback(L.Callback):
         self._channels: dict[str, int] = {}
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        check_layers(network_of(pl_module), self.layers)  # before any batch
+        check_layers(explained_network(pl_module), self.layers)  # before any batch
         self._values = PerSampleValues(row_shape=(2 + len(self.layers),)).to(pl_module.device)
         self._channels = {}
 
@@ -96,7 +96,7 @@ class ChannelActivityCallback(L.Callback):
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         activity = active_channel_counts(
-            network_of(pl_module), batch["image"], self.layers, self.threshold, self.layout
+            explained_network(pl_module), batch["image"], self.layers, self.threshold, self.layout
         )
         predictions = activity.logits.argmax(dim=1)
         rows = torch.stack(
@@ -156,7 +156,7 @@ class ChannelActivityCallback(L.Callback):
         self.summary = summarise_per_class(
             self.per_class, self.threshold, self.correct_only, self._channels
         )
-        model = model_label(pl_module)
+        model = network_label(pl_module)
         figure = build_channel_activity_figure(
             kde_series(self.per_class, channels=self._channels),
             title=(
@@ -187,26 +187,6 @@ def check_analysis_name(name: str) -> str:
             f"analysis name must be a non-empty folder name without '/', got {name!r}"
         )
     return name
-
-
-def network_of(pl_module: L.LightningModule) -> nn.Module:
-    """The plain images → logits network of a module: ``network`` (evaluation) or ``model``
-    (training modules)."""
-    for attribute in ("network", "model"):
-        network = getattr(pl_module, attribute, None)
-        if isinstance(network, nn.Module):
-            return network
-    raise ConfigurationError(
-        f"{type(pl_module).__name__} has no 'network' or 'model' attribute holding the "
-        f"classifier to analyse"
-    )
-
-
-def model_label(pl_module: L.LightningModule) -> str:
-    """``"<network class> (<source>)"``, e.g. ``"DenseNet (torchvision-densenet201)"``."""
-    network = type(network_of(pl_module)).__name__
-    source = getattr(pl_module, "source_name", None)
-    return f"{network} ({source})" if source else network
 
 
 def _num_classes(

@@ -25,13 +25,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from callbacks.analyses.channel_activity import (
-    check_analysis_name,
-    class_names_of,
-    model_label,
-    network_of,
-)
+from callbacks.analyses.channel_activity import check_analysis_name, class_names_of
 from callbacks.analyses.outputs import publish_analysis
+from callbacks.explained_model import explained_network, network_label
 from contrastive_saliency.classifier_similarity import (
     ClassifierHead,
     SelfSimilarity,
@@ -89,7 +85,9 @@ class ClassifierSimilarityCallback(L.Callback):
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         num_classes = getattr(pl_module, "num_classes", None)
         self.classifier = find_classifier_head(
-            network_of(pl_module), self.head, num_classes if isinstance(num_classes, int) else None
+            explained_network(pl_module),
+            self.head,
+            num_classes if isinstance(num_classes, int) else None,
         )
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -99,7 +97,7 @@ class ClassifierSimilarityCallback(L.Callback):
         names = class_names_of(trainer, weight.shape[0])
         self.curve = curve_table(similarity_curve(weight, self.max_rank, self.self_similarity))
         self.nearest = nearest_table(weight, names)
-        model = model_label(pl_module)
+        model = network_label(pl_module)
         out_features, in_features = weight.shape
         figure = build_similarity_figure(
             [SimilaritySeries(f"{model}, {out_features} classes", self.curve)],
