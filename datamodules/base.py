@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from contrastive_saliency.errors import UserInputError
-from datamodules.transforms import DEFAULT_TRANSFORM, SampleTransform, TransformConfig
+from datamodules.transforms import (
+    DEFAULT_TRANSFORM,
+    SampleTransform,
+    TransformConfig,
+    as_transform_config,
+)
 
 EVAL_SPLITS = ("val", "test")
 
@@ -117,13 +122,15 @@ class FileDataModule(SplitLoaders, L.LightningDataModule, ABC):
         root: str | Path,
         batch_size: int = 64,
         num_workers: int = 4,
-        transform: TransformConfig = DEFAULT_TRANSFORM,
+        transform: TransformConfig | Mapping[str, Any] = DEFAULT_TRANSFORM,
     ) -> None:
         super().__init__()
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.transform_config = transform.resolved()
+        own_default = inspect.signature(type(self).__init__).parameters.get("transform")
+        default = own_default.default if own_default is not None else DEFAULT_TRANSFORM
+        self.transform_config = as_transform_config(transform, default).resolved()
         self._datasets: dict[str, Dataset] = {}
 
     def save_hyperparameters(self, *args: Any, ignore=None, frame=None, logger=True) -> None:

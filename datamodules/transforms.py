@@ -17,7 +17,9 @@ after the crop they are clamped to the image. Masks are resized with nearest-nei
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torchvision import tv_tensors
@@ -95,6 +97,30 @@ class TransformConfig:
 
 
 DEFAULT_TRANSFORM = TransformConfig()
+
+
+def as_transform_config(
+    value: TransformConfig | Mapping[str, Any], default: TransformConfig = DEFAULT_TRANSFORM
+) -> TransformConfig:
+    """``value`` as a :class:`TransformConfig`: a mapping of some of its fields (a Python
+    caller's dict, a checkpoint's saved hyper-parameters) completes ``default``, the
+    datamodule's own default transform."""
+    if isinstance(value, TransformConfig):
+        return value
+    if isinstance(value, Mapping):
+        valid = {f.name for f in fields(TransformConfig)}
+        unknown = sorted(set(value) - valid)
+        if unknown:
+            raise ConfigurationError(
+                f"transform has unknown field(s) {unknown}; valid: {', '.join(sorted(valid))}"
+            )
+        return replace(default, **value)
+    raise ConfigurationError(
+        f"transform must be a TransformConfig or a mapping of its fields, got "
+        f"{type(value).__name__} {value!r}"
+    )
+
+
 """The file-based datamodules' default: resize 256, centre-crop 224, ImageNet mean/std,
 bilinear, training augmentation on."""
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
+from functools import partial
 
 # cuBLAS is deterministic only with a fixed workspace, read when its handle is created: before
 # any test of this process touches CUDA (Lightning sets it too, but only when the Trainer is
@@ -256,6 +257,21 @@ def metric_batch(device: str, dtype: torch.dtype) -> dict:
     }  # fmt: skip
 
 
+def _input_x_gradient(
+    model: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """Input × gradient maps ``[N, K, H, W]`` of ``classes`` ``[N, K]``: the explain function
+    a robustness metric re-runs on its noisy copies (MetricInputs.explain)."""
+    with torch.enable_grad():
+        images = images.detach().requires_grad_(True)
+        scores = model(images).gather(1, classes)
+        columns = [
+            torch.autograd.grad(scores[:, k].sum(), images, retain_graph=True)[0]
+            for k in range(classes.shape[1])
+        ]
+    return torch.stack([(g * images).sum(dim=1) for g in columns], dim=1).detach()
+
+
 def evaluation_metric_outputs(name: str, device: str, dtype: torch.dtype) -> dict:
     """Values and curves of the registered metric ``name``, fed as evaluate.py feeds it
     (``update(**update_arguments(inputs))``), its state kept in ``dtype``."""
@@ -268,6 +284,7 @@ def evaluation_metric_outputs(name: str, device: str, dtype: torch.dtype) -> dic
     metric_inputs = MetricInputs(
         model=inputs["model"], images=inputs["images"], maps=inputs["maps"][:, :columns],
         classes=inputs["classes"][:, :columns], logits=inputs["logits"], batch=inputs["batch"],
+        explain=partial(_input_x_gradient, inputs["model"]) if metric.needs_explainer else None,
     )  # fmt: skip
     metric.update(**metric.update_arguments(metric_inputs))
     _, values = metric.labelled_values(name, sync=False)

@@ -66,3 +66,23 @@ def test_mean_and_std_are_three_floats_and_bad_values_name_the_field():
         TransformConfig(mean=(0.5, 0.5))
     with pytest.raises(ConfigurationError, match=r"transform\.resize_size 100 is smaller"):
         TransformConfig(image_size=128, resize_size=100)
+
+
+def test_a_mapping_completes_the_datamodules_own_default_transform(tmp_path):
+    """A Python caller's dict (or a checkpoint's saved hyper-parameters) sets some fields; the
+    others keep the datamodule's own default (CIFAR-100 its statistics), unknown ones are
+    refused by name."""
+    import pytest
+
+    from contrastive_saliency.errors import ConfigurationError
+    from datamodules.cifar100 import CIFAR100_TRANSFORM, CIFAR100DataModule
+    from datamodules.transforms import as_transform_config
+
+    datamodule = CIFAR100DataModule(tmp_path, transform={"image_size": 48})
+    assert datamodule.transform_config.image_size == 48
+    assert datamodule.transform_config.mean == CIFAR100_TRANSFORM.mean
+    assert as_transform_config({"train_augment": False}) == TransformConfig(train_augment=False)
+    with pytest.raises(ConfigurationError, match=r"unknown field\(s\) \['image_sise'\]"):
+        as_transform_config({"image_sise": 48})
+    with pytest.raises(ConfigurationError, match="mapping of its fields, got int"):
+        as_transform_config(48)
