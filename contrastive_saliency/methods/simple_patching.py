@@ -4,6 +4,7 @@ activations."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -81,13 +82,13 @@ class _SimplePatching(BlankContext, SaliencyMethod):
         self.batch_size = check_batch_size(batch_size, counts=COPIES_PER_PASS)
         self._init_blank(blank, normalisation, noise_std, noise_seed)
 
+    @abstractmethod
     def _keep_source(self, selected: torch.Tensor) -> torch.Tensor:
         """``[N, N]`` bool: row ``p`` marks the patches whose pixels come from the source."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _score(self, original: torch.Tensor, patched: torch.Tensor) -> torch.Tensor:
         """The map value from the source's scores and the patched image's, both ``[·, K]``."""
-        raise NotImplementedError
 
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
         """``(h, w)`` patches of ``images`` ``[B, C, H, W]``."""

@@ -18,6 +18,7 @@ name in a table never stands for two different numbers.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -70,8 +71,9 @@ class _ModelPerturbationMetric(RegisteredMetric):
         self.seed = _check_seed(seed)
         self.batch_size = check_batch_size(batch_size)
 
+    @abstractmethod
     def _compute(self, model, images, maps, classes, index) -> torch.Tensor:
-        raise NotImplementedError
+        """The metric's per-sample values ``[B]`` (each subclass calls its function)."""
 
     def update(
         self,
